@@ -1,0 +1,262 @@
+"""
+Distillation losses for the four methods of SPEC.md, batch-first (B, T, D), padding-aware.
+
+Papers and what implements them:
+- DistilHuBERT (arXiv 2110.01900, Sec. 2, Eq. 1; SPEC section 1): `distilhubert_loss`
+    L = 1/|L| sum_l [ L1(p_l, t_l) + lambda * mean_t -log sigmoid(cos(p_l[t], t_l[t])) ]
+- ARMHuBERT masking distillation (arXiv 2305.11685, Sec. 3.2; official code
+  sungnyun/ARMHuBERT; SPEC section 2): `masking_distillation_loss`
+    L = sum_l w_l * sum_{t valid} e_l[t] / N_valid,
+    e_l[t] = mean_d (p_l[t] - (M[t] ? t_l[t] : t~_l[t]))^2
+- CoLLD contrastive layer-to-layer distillation (arXiv 2309.07707, Sec. 2; no public code,
+  every detail below is a choice listed in SPEC section 3): `colld_loss`
+    L = 1/|L| sum_l mean_{anchors} -log softmax([cos(z,t+), cos(z,t-_1..K)] / tau)[0]
+- GenDistiller (arXiv 2310.13418; SPEC section 4): `gendistiller_loss` (DistilHuBERT loss
+  on each generated layer).
+
+Conventions (SPEC section 0): every loss averages over valid frames only, i.e. frames
+t < frame_lengths[b]; values in padded frames never reach a loss. (s3prl's DistilHuBERT and
+the official ARMHuBERT code average over padded frames too; this is our deliberate change.)
+Each loss returns (total, parts): total is a scalar with grad, parts a dict of detached
+scalars for logging; a key starting with "_" is a metric, not a term of the loss.
+
+Example (what distill.py does for DistilHuBERT):
+    total, parts = distilhubert_loss(preds, targets, frame_lengths)  # parts: l1, cos
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Padding helpers
+
+
+def valid_mask(frame_lengths, max_frames):
+    """Bool mask (B, T) that is True at valid frames t < frame_lengths[b], T = max_frames."""
+    frames = torch.arange(max_frames, device=frame_lengths.device)  # (T,)
+    return frames[None, :] < frame_lengths[:, None]  # (B, T)
+
+
+def _check(preds, targets, frame_lengths, name):
+    """Boundary check: same number of layers, same (B, T, D), lengths fit in T."""
+    if len(preds) != len(targets) or len(preds) == 0:
+        raise ValueError(f"{name}: got {len(preds)} predicted layers and {len(targets)} "
+                         "target layers; expected the same non-zero number")
+    for l, (p, t) in enumerate(zip(preds, targets)):
+        if p.shape != t.shape or p.dim() != 3:
+            raise ValueError(f"{name}: layer {l}: prediction {tuple(p.shape)} vs target "
+                             f"{tuple(t.shape)}; expected equal (B, T, D)")
+    B, T, _ = preds[0].shape
+    if frame_lengths.shape != (B,) or int(frame_lengths.max()) > T:
+        raise ValueError(f"{name}: frame_lengths {tuple(frame_lengths.shape)} with max "
+                         f"{int(frame_lengths.max())} does not fit a batch of B={B}, T={T}")
+
+
+def _masked_mean(x, mask):
+    """Mean of x (B, T) over the True entries of mask (B, T); 0 (with grad) if none."""
+    mask = mask.to(x.dtype)
+    # note: clamp keeps an all-padding batch at 0 instead of NaN.
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# -----------------------------------------------------------------------------
+# DistilHuBERT (SPEC section 1) and GenDistiller (SPEC section 4)
+
+
+def distilhubert_loss(preds, targets, frame_lengths, cos_weight=1.0):
+    """
+    DistilHuBERT Eq. 1, averaged over valid frames only:
+
+        L = 1/|L| sum_l [ 1/(N D) sum_{b,t valid} sum_d |p_l[b,t,d] - t_l[b,t,d]|
+                          + lambda * 1/N sum_{b,t valid} -log sigmoid(cos(p_l[b,t], t_l[b,t])) ]
+
+    p_l = preds[l] (B, T, D) (prediction head output), t_l = targets[l] (B, T, D) (teacher
+    layer), N = number of valid frames (frame_lengths.sum()), D = feature size,
+    lambda = cos_weight (1 in the paper), |L| = len(preds).
+    parts: "l1" and "cos" are the unweighted terms averaged over layers, so
+    total = l1 + cos_weight * cos.
+    """
+    _check(preds, targets, frame_lengths, "distilhubert_loss")
+    frame_lengths = frame_lengths.to(preds[0].device)  # lengths may arrive on the CPU
+    B, T, D = preds[0].shape
+    valid = valid_mask(frame_lengths, T)  # (B, T)
+    l1_sum, cos_sum = 0.0, 0.0
+    for p, t in zip(preds, targets):
+        p, t = p.float(), t.float()  # the loss is computed in float32 even under autocast
+        l1 = _masked_mean((p - t).abs().mean(dim=-1), valid)  # mean over d, then valid frames
+        cos = F.cosine_similarity(p, t, dim=-1)  # (B, T)
+        cos_term = _masked_mean(-F.logsigmoid(cos), valid)
+        l1_sum, cos_sum = l1_sum + l1, cos_sum + cos_term
+    l1, cos = l1_sum / len(preds), cos_sum / len(preds)
+    total = l1 + cos_weight * cos
+    return total, {"l1": l1.detach(), "cos": cos.detach()}
+
+
+def gendistiller_loss(preds, targets, frame_lengths, cos_weight=1.0):
+    """
+    GenDistiller loss (SPEC section 4): the DistilHuBERT loss (L1 + lambda * cosine term,
+    see distilhubert_loss) on each generated layer, averaged over the K generated layers:
+
+        L = 1/K sum_k [ L1(p_k, t_{l_k}) + lambda * mean_t -log sigmoid(cos(p_k[t], t_{l_k}[t])) ]
+
+    p_k = preds[k] (B, T, D) is the generator's prediction of teacher layer l_k,
+    t_{l_k} = targets[k] (B, T, D), lambda = cos_weight.
+    note: teacher forcing (history slots hold the teacher's layers) versus free running
+    (history slots hold the generator's own predictions, `--gen_feed self`) is decided by
+    how model.py is called to produce preds; the loss is the same in both cases.
+    """
+    return distilhubert_loss(preds, targets, frame_lengths, cos_weight=cos_weight)
+
+
+# -----------------------------------------------------------------------------
+# ARMHuBERT masking distillation (SPEC section 2)
+
+
+def masking_distillation_loss(preds, clean_targets, masked_targets, mask, frame_lengths,
+                              layer_weights=None):
+    """
+    ARMHuBERT masking distillation (Sec. 3.2 of 2305.11685, as in its official code):
+
+        y_l[b,t] = t_l[b,t]  if M[b,t]  else  t~_l[b,t]
+        e_l[b,t] = 1/D sum_d (p_l[b,t,d] - y_l[b,t,d])^2
+        L = sum_l w_l * (sum_{b,t valid} e_l[b,t]) / N
+
+    p_l = preds[l] (B, T, D) (student layer l after its projection head),
+    t_l = clean_targets[l] (teacher on the clean input), t~_l = masked_targets[l] (teacher
+    on the input with the frames M replaced by its mask embedding), M = mask (B, T) bool
+    (frames the student saw masked), N = number of valid frames, w_l = layer_weights[l]
+    (default 0.1 for every layer but the last, 1.0 for the last, as the official code).
+    Masked frames thus predict what the teacher sees in clean audio; unmasked frames
+    imitate the teacher under the same corruption.
+    parts: "masked" and "unmasked" are the weighted contributions of masked and unmasked
+    valid frames; they sum to the total.
+    """
+    _check(preds, clean_targets, frame_lengths, "masking_distillation_loss")
+    _check(preds, masked_targets, frame_lengths, "masking_distillation_loss")
+    frame_lengths, mask = frame_lengths.to(preds[0].device), mask.to(preds[0].device)
+    B, T, D = preds[0].shape
+    if mask.shape != (B, T):
+        raise ValueError(f"masking_distillation_loss: mask {tuple(mask.shape)}, expected "
+                         f"(B, T) = ({B}, {T})")
+    if layer_weights is None:
+        layer_weights = [0.1] * (len(preds) - 1) + [1.0]
+    if len(layer_weights) != len(preds):
+        raise ValueError(f"masking_distillation_loss: {len(layer_weights)} layer weights "
+                         f"for {len(preds)} layers")
+    valid = valid_mask(frame_lengths, T)  # (B, T)
+    mask = mask.bool()
+    n_valid = valid.sum().clamp(min=1).float()  # N
+    on_masked = (valid & mask).float()  # (B, T) valid frames the student saw masked
+    on_unmasked = (valid & ~mask).float()  # (B, T) valid frames the student saw as is
+    masked_part, unmasked_part = 0.0, 0.0
+    for w, p, t, t_tilde in zip(layer_weights, preds, clean_targets, masked_targets):
+        y = torch.where(mask[:, :, None], t, t_tilde).float()  # (B, T, D) per-frame target
+        e = (p.float() - y).pow(2).mean(dim=-1)  # (B, T) per-frame MSE over the teacher dim
+        masked_part = masked_part + w * (e * on_masked).sum() / n_valid
+        unmasked_part = unmasked_part + w * (e * on_unmasked).sum() / n_valid
+    total = masked_part + unmasked_part
+    return total, {"masked": masked_part.detach(), "unmasked": unmasked_part.detach()}
+
+
+# -----------------------------------------------------------------------------
+# CoLLD contrastive layer-to-layer distillation (SPEC section 3)
+
+
+def _sample_negatives(anchor_b, anchor_t, frame_lengths, num_frames, k, generator):
+    """
+    For each anchor (b, t) pick min(k, num_frames - 1) distinct frames of utterance b,
+    uniformly among its valid frames other than t. Returns (idx, ok), both (N, K'):
+    idx are frame indices, ok is False where the utterance had fewer than K' other valid
+    frames (those slots hold a padded/self frame and must be masked by the caller).
+
+    choice: WITHOUT replacement (a uniform random subset, as "K frames ... or all if fewer"
+    reads); wav2vec 2.0 samples with replacement. Implemented as: one uniform key per
+    (anchor, frame), non-candidates get key 2, keep the K' smallest keys.
+    subtle: num_frames is the longest valid length, not the padded T, and the keys are
+    drawn for valid frames only in a fixed order, so extra padding never changes the draw.
+    """
+    N = anchor_b.shape[0]
+    k_eff = min(k, num_frames - 1)  # K'
+    gen_device = generator.device if generator is not None else anchor_b.device
+    keys = torch.rand(N, num_frames, generator=generator, device=gen_device)  # (N, T')
+    keys = keys.to(anchor_b.device)
+    frames = torch.arange(num_frames, device=anchor_b.device)  # (T',)
+    candidate = frames[None, :] < frame_lengths[anchor_b][:, None]  # (N, T') valid in utt b
+    candidate &= frames[None, :] != anchor_t[:, None]  # (N, T') not the anchor itself
+    keys = keys.masked_fill(~candidate, 2.0)  # non-candidates sort last
+    key_k, idx = keys.topk(k_eff, dim=-1, largest=False)  # (N, K')
+    return idx, key_k < 1.0  # (N, K'), (N, K')
+
+
+def colld_loss(preds, targets, mask, frame_lengths, num_negatives=100, temperature=0.1,
+               include_unmasked=False, l1_weight=0.0, generator=None):
+    """
+    CoLLD InfoNCE (SPEC section 3), per mapped layer l and anchor frame a = (b, t):
+
+        s(x, y)  = cos(x, y) / tau
+        L_nce,l  = 1/|A| sum_{a in A} -log( exp s(z_a, y+_a)
+                      / (exp s(z_a, y+_a) + sum_{j=1..K_a} exp s(z_a, y-_{a,j})) )
+        L        = 1/|L| sum_l [ L_nce,l + alpha * L1_l ]
+
+    z_a = preds[l][b, t] (student layer l already projected to the teacher dim by its head),
+    y+_a = targets[l][b, t] (teacher layer phi(l) at the same frame), y-_{a,j} =
+    targets[l][b, t_j] for K_a = min(K, n_b - 1) frames t_j != t drawn uniformly from the
+    other valid frames of utterance b (n_b = frame_lengths[b]), K = num_negatives,
+    tau = temperature, alpha = l1_weight, L1_l = mean |preds[l] - targets[l]| over valid
+    frames and dims, A = anchors = masked valid frames (mask & valid), or all valid frames
+    when include_unmasked. Logits are [positive, negatives], positive at index 0; negative
+    slots beyond K_a get logit -inf.
+    parts: "nce" (and "l1" when l1_weight > 0) averaged over layers, unweighted, so
+    total = nce + l1_weight * l1; "_acc" = fraction of anchors whose positive has the
+    highest logit (a metric, not a loss term). If there is no anchor, nce is 0 with a
+    grad path.
+    """
+    _check(preds, targets, frame_lengths, "colld_loss")
+    frame_lengths, mask = frame_lengths.to(preds[0].device), mask.to(preds[0].device)
+    B, T, D = preds[0].shape
+    if mask.shape != (B, T):
+        raise ValueError(f"colld_loss: mask {tuple(mask.shape)}, expected (B, T) = ({B}, {T})")
+    # subtle: work on the first T' = longest valid length frames only, so that extra padding
+    # changes neither the anchors nor the random draw of negatives.
+    T_v = int(frame_lengths.max())
+    valid = valid_mask(frame_lengths, T_v)  # (B, T')
+    # choice: anchors are masked valid frames; include_unmasked=True (distill.py's flag)
+    # makes them all valid frames (the other plausible reading of the paper).
+    anchors = valid if include_unmasked else valid & mask[:, :T_v].bool()  # (B, T')
+    anchor_b, anchor_t = anchors.nonzero(as_tuple=True)  # (N,), (N,) row-major order
+    nce_sum, l1_sum, acc_sum = 0.0, 0.0, 0.0
+    for p, y in zip(preds, targets):
+        p, y = p[:, :T_v].float(), y[:, :T_v].float()  # (B, T', D)
+        if l1_weight > 0:
+            # choice: the optional L1 term (l1_weight, default 0) regresses all valid frames,
+            # not only the anchors.
+            l1_sum = l1_sum + _masked_mean((p - y).abs().mean(dim=-1), valid)
+        if anchor_b.numel() == 0:
+            nce_sum = nce_sum + 0.0 * p.sum()  # no anchor: zero loss that keeps a grad path
+            continue
+        # note: one batched matmul of unit vectors gives cos(z_a, y) for every frame of the
+        # anchor's utterance; gathering negatives from it never materialises (N, K, D).
+        # choice: negatives are drawn independently for each layer.
+        with torch.autocast(device_type=p.device.type, enabled=False):  # float32 cosines
+            sim = torch.bmm(F.normalize(p, dim=-1, eps=1e-8),
+                            F.normalize(y, dim=-1, eps=1e-8).transpose(1, 2))  # (B, T', T')
+        sim = sim[anchor_b, anchor_t]  # (N, T') row a: cos(z_a, targets[b_a, every frame])
+        neg_idx, neg_ok = _sample_negatives(anchor_b, anchor_t, frame_lengths, T_v,
+                                            num_negatives, generator)  # (N, K'), (N, K')
+        pos = sim.gather(1, anchor_t[:, None])  # (N, 1)
+        neg = sim.gather(1, neg_idx).masked_fill(~neg_ok, -math.inf)  # (N, K')
+        logits = torch.cat([pos, neg], dim=1) / temperature  # (N, 1 + K'), positive first
+        target = torch.zeros_like(anchor_b)  # (N,) the positive is class 0
+        nce_sum = nce_sum + F.cross_entropy(logits, target)  # mean over anchors
+        acc_sum = acc_sum + (logits.detach().argmax(dim=1) == 0).float().mean()
+    n_layers = len(preds)
+    nce = nce_sum / n_layers
+    total = nce
+    parts = {"nce": nce.detach()}
+    if l1_weight > 0:
+        l1 = l1_sum / n_layers
+        total = total + l1_weight * l1
+        parts["l1"] = l1.detach()
+    parts["_acc"] = torch.as_tensor(acc_sum / n_layers, dtype=torch.float32).detach()
+    return total, parts
