@@ -124,10 +124,13 @@ BUNDLES = {
     "xlsr_1b": "WAV2VEC2_XLSR_1B", "xlsr_2b": "WAV2VEC2_XLSR_2B",
 }
 
-# The `tiny` teacher: HuBERT Base's shape (post-LN, 12 layers, group-norm conv with the
-# same kernels and strides) at a width that runs anywhere in milliseconds.
+# The `tiny` teacher: HuBERT's shape (post-LN, 12 layers, the same conv kernels and strides)
+# at a width that runs anywhere in milliseconds. choice: the "layer_norm" conv order (HuBERT
+# Large's): with random weights the group-norm order maps all frames of an utterance to nearly
+# one direction (mean cosine 0.89 between frames at layer 1, 0.94 at layer 12), a degenerate
+# target for CoLLD's contrastive loss; the layer-norm order keeps frames apart (0.45 / 0.66).
 TINY_TEACHER_CONFIG = dict(
-    extractor_mode="group_norm",
+    extractor_mode="layer_norm",
     extractor_conv_layer_config=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
     extractor_conv_bias=False, encoder_embed_dim=48, encoder_projection_dropout=0.0,
     encoder_pos_conv_kernel=16, encoder_pos_conv_groups=4, encoder_num_layers=12,
@@ -476,7 +479,7 @@ def fit_to_teacher(cfg, teacher):
                    feature_projection=True, dim=teacher.dim, ffn_dim=c["encoder_ff_interm_features"],
                    num_heads=c["encoder_num_heads"], pos_conv_kernel=c["encoder_pos_conv_kernel"],
                    pos_conv_groups=c["encoder_pos_conv_groups"], layer_norm_first=c["encoder_layer_norm_first"])
-    notes = [f"{k}: {getattr(cfg, k)} -> {v}" for k, v in new.items() if getattr(cfg, k) != v]
+    notes = [f"{k}: {getattr(cfg, k)} -> {v} (fitted to teacher)" for k, v in new.items() if getattr(cfg, k) != v]
     return replace(cfg, **new), notes
 
 

@@ -1,0 +1,607 @@
+"""Distil a frozen speech SSL teacher into a compact student: the training loop and command line.
+
+One file, read top to bottom (method reference: ../shared/SPEC.md):
+  1. the papers' recipes (optimizer, schedule, batch, masking) per --method        SPEC 1-4
+  2. the command line: recipe defaults, grouped flags, --key=value student overrides
+  3. the per-method distillation loss (teacher forward, student forward, losses.py)
+  4. checkpoints: atomic writes, exact resume
+  5. the loop: lr schedule, teacher (no grad, float32), student (autocast), loss,
+     backward, clip, step, log, validate, checkpoint. Runs alone or under torchrun (DDP).
+
+Examples:
+    python distill.py --method gendistiller --teacher tiny --data synthetic      # ~1 min on CPU
+    python distill.py --method armhubert --teacher hubert_base --data /data/LibriSpeech/train-clean-100
+    torchrun --nproc-per-node=4 distill.py --method distilhubert --teacher hubert_base --data /data/LibriSpeech
+"""
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import losses
+import model
+
+# ----------------------------------------------------------------------------
+# 1. Recipes: the papers' settings, the defaults of every flag below
+# ----------------------------------------------------------------------------
+
+# LibriSpeech 960 h: 281,241 utterances, 12.3 s on average. Batches are given in seconds of
+# audio per process and micro-step (--batch_seconds); utterance counts convert with 12.3 s.
+@dataclass
+class Recipe:
+    student: str  # default preset
+    lr: float
+    betas: Tuple[float, float]
+    eps: float
+    weight_decay: float
+    warmup: float  # fraction of max_steps with linear warm-up, then linear decay to 0
+    clip: float  # max global grad norm
+    max_steps: int
+    batch_seconds: float  # audio per process per micro-step
+    accum: int  # micro-steps per optimizer step
+    mask_prob: float  # 0 = the student never sees masked input
+    mask_type: str = "uniform"
+    source: str = ""
+
+
+RECIPES = {
+    # DistilHuBERT (SPEC 1): batch 24 utterances (~295 s), 200k steps, lr 2e-4, 7 % warm-up, clip 5.
+    "distilhubert": Recipe("distilhubert", 2e-4, (0.9, 0.98), 1e-6, 0.0, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
+                           source="DistilHuBERT paper / s3prl config"),
+    # ARMHuBERT (SPEC 2): 144 utterances per update (~1770 s) = 18 per GPU x 2 GPUs x accumulation 4
+    # in the official 960 h config, here 8 micro-steps of ~221 s; 200 epochs = 1953 updates x 200.
+    # weight decay 0.01 per SPEC (note: the official armhubert-960.yaml sets 1e-6; use --weight_decay).
+    # choice: clip 10.0 (fairseq's HuBERT value; the official config states none).
+    "armhubert": Recipe("armhubert", 5e-3, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 390_600, 221.0, 8, 0.8,
+                        source="Recipe-and-Distill paper + official armhubert-960.yaml"),
+    # CoLLD (SPEC 3): no public recipe. choice: ARMHuBERT's optimizer, batch and masking, with the
+    # maskhubert geometry's lr 5e-4 (the default student), and 200k steps.
+    "colld": Recipe("colld", 5e-4, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 200_000, 221.0, 8, 0.8,
+                    source="choice (no public recipe)"),
+    # GenDistiller (SPEC 4): no public recipe. choice: the DistilHuBERT recipe it compares to.
+    "gendistiller": Recipe("gendistiller", 2e-4, (0.9, 0.98), 1e-6, 0.0, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
+                           source="choice: DistilHuBERT's recipe"),
+}
+# SPEC 2: MaskHuBERT (no reuse) trains with lr 5e-4 instead of ARMHuBERT's 5e-3.
+PRESET_LR = {"maskhubert": 5e-4}
+
+# `--data synthetic` is the smoke test: unless given, these replace the paper recipe so a
+# run takes about a minute on a laptop CPU. Printed when applied.
+SMOKE = dict(max_steps=60, batch_seconds=8.0, accum=1, warmup=0.1, log_every=10, save_every=30, val_every=20)
+
+# ----------------------------------------------------------------------------
+# 2. Command line
+# ----------------------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Distil a speech SSL teacher into a compact student (DistilHuBERT, ARMHuBERT, CoLLD, "
+                    "GenDistiller). Flags left unset take the --method's paper recipe. Student config fields "
+                    "are set with --FIELD=VALUE (see model.StudentConfig), e.g. --dim=384 --reuse=none.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to distil")
+    g.add_argument("--method", required=True, choices=list(RECIPES), help="objective, default student and recipe")
+    g.add_argument("--teacher", default="hubert_base",
+                   help="torchaudio bundle name (hubert_base, wavlm_base_plus, ...), a checkpoint file "
+                        "(torchaudio-format or s3prl-converted .pt) or 'tiny' (random, for smoke runs)")
+    g.add_argument("--student", default=None, help=f"student preset ({', '.join(model.PRESETS)}); default: the method's")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, required=True,
+                   help="LibriSpeech-layout directory or any folder of .flac/.wav, or 'synthetic'")
+    g.add_argument("--val", default=None, help="held-out data (same forms as --data) for a validation loss")
+    g.add_argument("--val_batches", type=int, default=8, help="validation batches (fixed, same every time)")
+    g.add_argument("--batch_seconds", type=float, default=None, help="seconds of audio per process per micro-step")
+    g.add_argument("--accum", type=int, default=None, help="micro-steps (gradient accumulation) per optimizer step")
+    g.add_argument("--max_seconds", type=float, default=None,
+                   help="random-crop utterances longer than this (choice: default none, whole utterances "
+                        "as in the papers' length buckets)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    g = p.add_argument_group("optimisation (default: the method's recipe)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--betas", type=float, nargs=2, default=None, help="AdamW betas")
+    g.add_argument("--eps", type=float, default=None, help="AdamW epsilon")
+    g.add_argument("--weight_decay", type=float, default=None,
+                   help="AdamW weight decay on matrices/conv kernels (choice: never on biases, norms, embeddings)")
+    g.add_argument("--warmup", type=float, default=None, help="fraction of steps of linear warm-up (then linear decay)")
+    g.add_argument("--clip", type=float, default=None, help="max global gradient norm")
+    g.add_argument("--max_steps", type=int, default=None, help="optimizer steps")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="student autocast: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 uses a "
+                        "gradient scaler; the teacher always runs in fp32")
+    g.add_argument("--skip_nonfinite", action="store_true",
+                   help="skip (and count) a step whose loss or gradient is not finite instead of stopping")
+    g = p.add_argument_group("masking (ARMHuBERT, CoLLD; fairseq compute_mask_indices semantics)")
+    g.add_argument("--mask_prob", type=float, default=None, help="share of valid frames covered by spans")
+    g.add_argument("--mask_length", type=int, default=10, help="mean span length (frames)")
+    g.add_argument("--mask_type", default=None, choices=["static", "uniform"],
+                   help="span lengths: static = mask_length; uniform = 0..2*mask_length (official ARMHuBERT)")
+    g.add_argument("--mask_min_space", type=int, default=1, help="unmasked frames kept between spans")
+    g.add_argument("--mask_min_masks", type=int, default=2, help="minimum spans per utterance")
+    g.add_argument("--mask_overlap", action="store_true", help="allow spans to overlap (HuBERT) instead of no-overlap")
+    g = p.add_argument_group("method details (choices the papers leave open, SPEC)")
+    g.add_argument("--cos_weight", type=float, default=1.0, help="lambda of the -log sigmoid(cos) term (DistilHuBERT, GenDistiller)")
+    g.add_argument("--last_layer_weight", type=float, default=1.0, help="ARMHuBERT weight of the last layer")
+    g.add_argument("--layer_weight", type=float, default=0.1, help="ARMHuBERT weight of layers 1..L-1")
+    g.add_argument("--colld_negatives", type=int, default=100, help="CoLLD negatives per anchor (K)")
+    g.add_argument("--colld_temperature", type=float, default=0.1, help="CoLLD softmax temperature (tau)")
+    g.add_argument("--colld_include_unmasked", action="store_true", help="CoLLD: unmasked frames are anchors too")
+    g.add_argument("--colld_l1_weight", type=float, default=0.0, help="CoLLD: weight of an extra L1 regression term")
+    g.add_argument("--gen_feed", default="teacher", choices=["teacher", "self"],
+                   help="GenDistiller history during training: teacher forcing or its own predictions (free-running)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/default", help="output directory (checkpoints, train_log.jsonl)")
+    g.add_argument("--resume", default=None,
+                   help="'auto' (newest complete checkpoint in --out, or start fresh) or a checkpoint path")
+    g.add_argument("--seed", type=int, default=0, help="seed of init, data order, crops, masks, dropout")
+    g.add_argument("--log_every", type=int, default=None, help="steps between progress lines (default 100)")
+    g.add_argument("--save_every", type=int, default=None, help="steps between checkpoints (default 5000)")
+    g.add_argument("--val_every", type=int, default=None, help="steps between validation losses (default 5000)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints kept in --out (older ones deleted)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    return p
+
+
+def student_overrides(items):
+    """['--dim=384', '--reuse=none'] -> {'dim': 384, 'reuse': 'none'}, type-checked against StudentConfig."""
+    fields = {f.name: f for f in dataclasses.fields(model.StudentConfig)}
+    out = {}
+    for item in items:
+        if not item.startswith("--") or "=" not in item:
+            raise SystemExit(f"error: unrecognised argument {item!r} (student fields are set as --FIELD=VALUE)")
+        key, value = item[2:].split("=", 1)
+        if key not in fields:
+            raise SystemExit(f"error: unknown flag or student field {key!r}; student fields: {', '.join(fields)}")
+        default = getattr(model.StudentConfig(), key)
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError("expected true or false")
+                out[key] = value.lower() in ("true", "1")
+            elif isinstance(default, int):
+                out[key] = int(value)
+            elif isinstance(default, float):
+                out[key] = float(value)
+            elif key == "conv_layers":
+                out[key] = model.parse_conv_layers(value)
+            elif key == "target_layers":
+                out[key] = tuple(int(v) for v in value.split(","))
+            else:
+                out[key] = value
+        except ValueError as e:
+            raise SystemExit(f"error: --{key}={value}: {e} (type of {key}: {type(default).__name__})")
+    return out
+
+
+def parse_args(argv=None):
+    """Parse flags, fill unset ones from the recipe, and keep the student overrides in args.overrides."""
+    args, rest = build_parser().parse_known_args(argv)
+    args.overrides = student_overrides(rest)
+    recipe = RECIPES[args.method]
+    args.student = args.student or recipe.student
+    if args.student not in model.PRESETS:
+        raise SystemExit(f"error: --student {args.student!r}: unknown preset; choose from {', '.join(model.PRESETS)}")
+    args.applied = []  # what changed from the paper recipe, printed at start
+    smoke = args.data == "synthetic"
+    for name in ("max_steps", "batch_seconds", "accum", "warmup", "log_every", "save_every", "val_every"):
+        if getattr(args, name) is None and smoke:
+            setattr(args, name, SMOKE[name])
+            args.applied.append(f"{name}={SMOKE[name]} (synthetic smoke run)")
+    defaults = dict(lr=PRESET_LR.get(args.student, recipe.lr), betas=recipe.betas, eps=recipe.eps,
+                    weight_decay=recipe.weight_decay, warmup=recipe.warmup, clip=recipe.clip,
+                    max_steps=recipe.max_steps, batch_seconds=recipe.batch_seconds, accum=recipe.accum,
+                    mask_prob=recipe.mask_prob, mask_type=recipe.mask_type,
+                    log_every=100, save_every=5000, val_every=5000)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.betas = tuple(args.betas)
+    if args.method in ("armhubert", "colld") and args.mask_prob <= 0:
+        raise SystemExit(f"error: --method {args.method} distils from masked input; --mask_prob must be > 0")
+    return args
+
+
+# ----------------------------------------------------------------------------
+# 3. The distillation loss of each method
+# ----------------------------------------------------------------------------
+
+
+def build_student_for(args, teacher):
+    """The --student preset with the --FIELD overrides, fitted to the teacher (and copied from it)."""
+    cfg = dataclasses.replace(model.PRESETS[args.student], **args.overrides)
+    notes = []
+    if "dim" in args.overrides and "conv_layers" not in args.overrides and not cfg.feature_projection:
+        # ARMHuBERT-style front ends end in `dim` channels: resize the conv list with the width
+        cfg = dataclasses.replace(cfg, conv_layers=model.armhubert_conv(cfg.dim))
+        notes.append(f"conv_layers -> {cfg.conv_layers} (follows --dim)")
+    cfg, fit_notes = model.fit_to_teacher(cfg, teacher)
+    notes += fit_notes
+    for key in args.overrides:  # a user's explicit choice wins over fitting (init then checks shapes)
+        cfg = dataclasses.replace(cfg, **{key: args.overrides[key]})
+    if args.method in ("armhubert", "colld") and not cfg.mask_embedding:
+        raise SystemExit(f"error: --method {args.method} masks the student input; --mask_embedding=false is not allowed")
+    student = model.Student(cfg)
+    if cfg.init_from_teacher:
+        model.init_from_teacher(student, teacher)
+    args.fit_notes = notes
+    return student
+
+
+def draw_mask(args, frame_lengths, max_frames, step, rank):
+    """The step's span mask (B, T). Seeded by (seed, step, rank) so a resumed run redraws it exactly."""
+    rng = np.random.default_rng([args.seed, step, rank])
+    mask = data.compute_mask_indices(frame_lengths.cpu(), max_frames, args.mask_prob, args.mask_length,
+                                     args.mask_type, min_masks=args.mask_min_masks,
+                                     no_overlap=not args.mask_overlap, min_space=args.mask_min_space, rng=rng)
+    return mask.to(frame_lengths.device)
+
+
+def check_frames(teacher_lengths, student_lengths):
+    if not torch.equal(teacher_lengths, student_lengths):
+        raise RuntimeError(f"teacher and student frame counts differ: teacher {teacher_lengths.tolist()}, "
+                           f"student {student_lengths.tolist()}; their conv stacks must have the same total "
+                           "stride (320) and receptive field (400)")
+
+
+def distillation_loss(args, teacher, student, wav, lengths, step, rank=0):
+    """(loss, parts) of one batch for args.method. wav (B, S), lengths (B,) samples.
+
+    The teacher runs without grad in float32 (inside Teacher.forward); the student runs in
+    whatever autocast region the caller opened. Targets: teacher layer k = layers[k - 1].
+    """
+    cfg = (student.module if hasattr(student, "module") else student).cfg
+    pick = lambda layers: [layers[k - 1] for k in cfg.target_layers]  # noqa: E731, teacher layer k -> list index k-1
+    # subtle: check the frame counts from the two conv stacks before any forward: the mask (masked
+    # methods) and the history (GenDistiller) have the teacher's frame count, so a student with
+    # another stride would otherwise stop inside its forward with a bare tensor-size error.
+    check_frames(model.conv_output_lengths(lengths, teacher.conv_layers), model.conv_output_lengths(lengths, cfg.conv_layers))
+    if args.method in ("distilhubert", "gendistiller"):
+        t_layers, t_lengths = teacher(wav, lengths)
+        targets = pick(t_layers)
+        if args.method == "distilhubert":
+            preds, s_lengths = student(wav, lengths)
+        else:  # teacher forcing feeds the true layers l_1..l_{K-1} as history; "self" runs free
+            history = targets[:-1] if args.gen_feed == "teacher" else None
+            preds, s_lengths = student(wav, lengths, history=history)
+        check_frames(t_lengths, s_lengths)
+        return losses.distilhubert_loss(preds, targets, t_lengths, args.cos_weight) if args.method == "distilhubert" \
+            else losses.gendistiller_loss(preds, targets, t_lengths, args.cos_weight)
+    # masked-input methods: one mask M per step, the student sees it, the teacher sees clean input
+    frames = data.frame_count(lengths)
+    mask = draw_mask(args, frames, int(frames.max()), step, rank)  # (B, T) bool
+    clean, t_lengths = teacher(wav, lengths)
+    preds, s_lengths = student(wav, lengths, mask=mask)
+    check_frames(t_lengths, s_lengths)
+    if args.method == "armhubert":
+        # unmasked frames imitate the teacher under the same corruption: a second teacher pass
+        masked, _ = teacher(wav, lengths, mask=mask)
+        L = len(preds)
+        weights = [args.layer_weight] * (L - 1) + [args.last_layer_weight]
+        return losses.masking_distillation_loss(preds, pick(clean), pick(masked), mask, t_lengths, weights)
+    seed = int(np.random.default_rng([args.seed, step, rank]).integers(2 ** 62))  # CoLLD negatives, per step
+    gen = torch.Generator().manual_seed(seed)
+    return losses.colld_loss(preds, pick(clean), mask, t_lengths, args.colld_negatives, args.colld_temperature,
+                             args.colld_include_unmasked, args.colld_l1_weight, generator=gen)
+
+
+# ----------------------------------------------------------------------------
+# 4. Checkpoints: written atomically, resumed exactly
+# ----------------------------------------------------------------------------
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, fsync, then rename: a kill at any moment leaves either the
+    old file set or the complete new file, never a half-written checkpoint under a final name."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_paths(out):
+    """Complete checkpoints in `out`, oldest first (temporary files are never matched)."""
+    return sorted(glob.glob(os.path.join(out, "ckpt-*.pt")))
+
+
+def find_resume(args):
+    """The checkpoint to resume from: --resume PATH, or the newest loadable one in --out for 'auto'."""
+    if args.resume is None:
+        return None
+    if args.resume != "auto":
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f"error: --resume {args.resume}: no such file")
+        return args.resume
+    for path in reversed(checkpoint_paths(args.out)):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            return path
+        except Exception as e:  # a damaged file (disk error): say so and fall back to the one before
+            print(f"warning: skipping unreadable checkpoint {path}: {e}", flush=True)
+    return None
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_output_dir(out, student):
+    """Fail before training if --out is unwritable or the disk cannot hold two checkpoints."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: --out {out} is not writable: {e}")
+    # weights + AdamW's two moments, float32, plus slack; two may exist at once during a save
+    need = 2 * 3 * 4 * sum(p.numel() for p in student.parameters()) + (64 << 20)
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise SystemExit(f"error: --out {out}: {free / 2**20:.0f} MiB free, checkpoints need about "
+                         f"{need / 2**20:.0f} MiB; free space or choose another --out")
+
+
+# ----------------------------------------------------------------------------
+# 5. The training loop
+# ----------------------------------------------------------------------------
+
+
+def setup_distributed(args):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; alone it is (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def make_data(args, source, rank, world, seed, shuffle=True):
+    """Dataset + length-bucketed sampler + DataLoader for --data / --val."""
+    if source == "synthetic":
+        corpus = data.SyntheticSpeech(seed=seed)
+    else:
+        items, report = data.scan_audio(source, verbose=rank == 0)  # bad files: counted and named
+        corpus = items
+    max_samples = int(args.max_seconds * data.SAMPLE_RATE) if args.max_seconds else None
+    dataset = data.AudioDataset(corpus, max_samples=max_samples, seed=seed)
+    sampler = data.LengthBucketSampler(dataset.lengths, int(args.batch_seconds * data.SAMPLE_RATE),
+                                       seed=seed, shuffle=shuffle, rank=rank, world_size=world)
+    loader = data.make_loader(dataset, sampler, num_workers=args.workers)
+    return dataset, sampler, loader
+
+
+def batches(loader, sampler, epoch, start_batch):
+    """Endless (epoch, position, wav, lengths): position = batches of this epoch consumed after this one."""
+    while True:
+        sampler.set_epoch(epoch, start_batch=start_batch)
+        for position, (wav, lengths) in enumerate(loader, start=start_batch + 1):
+            yield epoch, position, wav, lengths
+        epoch, start_batch = epoch + 1, 0
+
+
+def lr_at(step, args):
+    """Linear warm-up over warmup * max_steps, then linear decay to 0 (all four recipes)."""
+    warm = max(1, int(args.warmup * args.max_steps))
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    return args.lr * max(0.0, (args.max_steps - step) / max(1, args.max_steps - warm))
+
+
+def param_groups(student, weight_decay):
+    # choice: weight decay only on matrices and conv kernels; biases, norm gains, the mask and
+    # slot embeddings and weight-norm gains (all 1-D or gain-shaped) are not decayed.
+    decay = [p for n, p in student.named_parameters() if p.ndim >= 2 and "original0" not in n and "slot_emb" not in n]
+    ids = {id(p) for p in decay}
+    rest = [p for p in student.parameters() if id(p) not in ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def autocast_dtype(args, device):
+    if args.precision == "fp32" or (args.precision == "auto" and device.type != "cuda"):
+        return None
+    if args.precision == "fp16":
+        return torch.float16
+    if args.precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+@torch.no_grad()
+def validate(args, teacher, student, val_loader, device, rank):
+    """Mean held-out distillation loss over the fixed validation batches (eval mode, fixed masks)."""
+    student.eval()
+    total, n = 0.0, 0
+    val_loader.batch_sampler.set_epoch(0)
+    for i, (wav, lengths) in enumerate(val_loader):
+        if i >= args.val_batches:
+            break
+        # note: validation masks/negatives use steps 10^9 + i, never a training step's seed
+        loss, _ = distillation_loss(args, teacher, student, wav.to(device), lengths.to(device), 10 ** 9 + i, rank)
+        total, n = total + float(loss), n + 1
+    student.train()
+    return total / max(n, 1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args)
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+
+    # --- teacher and student
+    teacher = model.load_teacher(args.teacher, device)
+    student = build_student_for(args, teacher).to(device)
+    raw = student  # the unwrapped module: checkpoints store its state_dict
+    if rank > 0:
+        # every rank built the same initial weights from args.seed; from here on each rank draws
+        # its own dropout noise (rank 0 keeps exactly the stream of a single-process run)
+        torch.manual_seed(args.seed + rank)
+    check_output_dir(args.out, raw)
+    say(f"method {args.method} (recipe: {RECIPES[args.method].source}), teacher {args.teacher} "
+        f"({teacher.num_layers} layers, {teacher.dim}-d), student {args.student}: "
+        f"{model.count_parameters(raw) / 1e6:.2f}M parameters, targets = teacher layers {list(raw.cfg.target_layers)}")
+    for note in args.applied + [f"student {n}" for n in args.fit_notes] + \
+            [f"student {k}={v} (--{k})" for k, v in args.overrides.items()]:
+        say(f"  override: {note}")
+
+    # --- data
+    dataset, sampler, loader = make_data(args, args.data, rank, world, args.seed)
+    val_loader = None
+    if args.val:
+        _, _, val_loader = make_data(args, args.val, rank, world, seed=args.seed + 1, shuffle=False)
+    say(f"data: {len(dataset)} utterances, {len(sampler)} batches of <= {args.batch_seconds:g} s per rank per "
+        f"epoch; {world} process(es) x accum {args.accum}")
+
+    # --- optimizer and precision
+    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=args.betas, eps=args.eps)
+    amp = autocast_dtype(args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    # --- resume
+    step, epoch, position = 0, 0, 0
+    path = find_resume(args)
+    if path:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt["method"] != args.method or ckpt["config"] != dataclasses.asdict(raw.cfg):
+            raise SystemExit(f"error: --resume {path} was written by a different run "
+                             f"(method {ckpt['method']!r}, student config differs or not); use a fresh --out")
+        raw.load_state_dict(ckpt["student"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, epoch, position = ckpt["step"], ckpt["epoch"], ckpt["position"][rank]
+        set_rng_state(ckpt["rng"][rank])
+        say(f"resumed from {path} at step {step} (epoch {epoch}, batch {position})")
+    if world > 1:
+        student = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    student.train()
+
+    def save(step):
+        # every rank's RNG state and data position are gathered so each resumes exactly
+        state = {"rng": rng_state(), "position": position}
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, state)
+        else:
+            states = [state]
+        if rank == 0:
+            atomic_save({"format": 1, "method": args.method, "teacher": args.teacher, "step": step, "epoch": epoch,
+                         "position": [s["position"] for s in states], "rng": [s["rng"] for s in states],
+                         "config": dataclasses.asdict(raw.cfg), "student": raw.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}},
+                        os.path.join(args.out, f"ckpt-{step:08d}.pt"))
+            for old in checkpoint_paths(args.out)[:-args.keep]:
+                os.remove(old)
+        if world > 1:
+            dist.barrier()
+
+    # --- the loop: one optimizer step = accum micro-batches
+    stream = batches(loader, sampler, epoch, position)
+    log_file = open(os.path.join(args.out, "train_log.jsonl"), "a") if rank == 0 else None
+    skipped, t_log, audio_s, sums, since_log = 0, time.time(), 0.0, {}, 0
+    while step < args.max_steps:
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(args.accum):
+            epoch, position, wav, lengths = next(stream)
+            wav, lengths = wav.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
+            sync = contextlib.nullcontext() if world == 1 or micro == args.accum - 1 else student.no_sync()
+            try:
+                with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss, parts = distillation_loss(args, teacher, student, wav, lengths, step, rank)
+                    scaler.scale(loss / args.accum).backward()
+            except torch.OutOfMemoryError:
+                raise SystemExit(f"error: out of memory at step {step} on a batch of {len(lengths)} utterances, "
+                                 f"{float(lengths.sum()) / data.SAMPLE_RATE:.0f} s of audio; lower --batch_seconds "
+                                 f"(now {args.batch_seconds:g}) and raise --accum (now {args.accum}) to keep the "
+                                 "effective batch, or set --max_seconds")
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / args.accum
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() / args.accum
+            audio_s += float(lengths.sum()) / data.SAMPLE_RATE * world
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip)
+        if not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))) and amp != torch.float16:
+            # (with fp16 the scaler skips inf steps by itself and lowers its scale)
+            detail = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+            if not args.skip_nonfinite:
+                last = checkpoint_paths(args.out)
+                raise SystemExit(f"error: non-finite loss or gradient at step {step} (loss {loss.item():.4g}, "
+                                 f"{detail}, grad norm {float(grad_norm):.4g}); stopped without saving. Last good "
+                                 f"checkpoint: {last[-1] if last else 'none'}. Lower --lr or use --skip_nonfinite.")
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            say(f"warning: step {step}: non-finite loss/gradient ({detail}); skipped ({skipped} so far)")
+            step += 1
+            continue
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        since_log += 1
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            n, dt = max(since_log, 1), time.time() - t_log
+            row = {k: v / n for k, v in sums.items()}
+            ms = 1000 * dt / n
+            eta = (args.max_steps - step) * dt / n
+            line = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("grad_norm",) and not k.startswith("_"))
+            say(f"step {step}/{args.max_steps} | {line} | gnorm {row['grad_norm']:.2f} | lr {lr:.2e} | "
+                f"{ms:.0f} ms/step | {audio_s / dt:.1f} audio s/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+            if log_file:
+                log_file.write(json.dumps({"step": step, "lr": lr, "ms_per_step": ms, "audio_s_per_s": audio_s / dt, **row}) + "\n")
+                log_file.flush()
+            sums, t_log, audio_s, since_log = {}, time.time(), 0.0, 0
+        if val_loader is not None and (step % args.val_every == 0 or step == args.max_steps):
+            val = validate(args, teacher, student, val_loader, device, rank)
+            say(f"step {step}/{args.max_steps} | validation loss {val:.4f}")
+            if log_file:
+                log_file.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+                log_file.flush()
+        if step % args.save_every == 0 or step == args.max_steps:
+            save(step)
+    say(f"done: {step} steps, {skipped} skipped; student in {os.path.join(args.out, f'ckpt-{step:08d}.pt')} "
+        "(load with model.load_student)")
+    if log_file:
+        log_file.close()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

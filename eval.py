@@ -1,0 +1,913 @@
+"""Evaluation of distilled speech models: a SUPERB-style phoneme-recognition probe and a speed table.
+
+What this file holds, top to bottom (method reference: ../shared/SPEC.md, section 5):
+  1. Greedy CTC decoding, edit distance and corpus-level error rates.
+  2. Labels: the lexicon (`WORD ph ph ...`, first pronunciation wins), transcripts -> phones
+     or characters, and the LibriSpeech-layout splits (audio + *.trans.txt) of the probe.
+  3. Upstreams: what the probe listens to. A distill.py checkpoint, any teacher that
+     model.load_teacher accepts, `random:...` (the untrained floor at equal size) or
+     `cnn:...` (the conv front end alone), always frozen.
+  4. Feature cache: the frozen upstream runs ONCE over every split; all of its layers are
+     kept in memory in float16, so the probe's training steps cost only the small head.
+  5. The probe: SUPERB's learned softmax-weighted sum of layers + a linear CTC head, Adam,
+     dev-selected best state, test error rate with that state.
+  6. Speed: teacher, every student preset, torchaudio's own wav2vec2 at the maskhubert size
+     and one distillation step per method, timed side by side on the same batch.
+  7. Command line.
+
+SUPERB PR in small: SUPERB (Yang et al. 2021) trains a downstream on LibriSpeech
+train-clean-100 for 100k steps; this probe trains the same kind of head on whatever subset
+you give it (cached features must fit in memory: about L x D x 50 x 2 bytes per second of
+audio, 0.9 MB/s for a 12-layer 768-d model), which is enough to rank upstreams against each
+other and against their `random:` floor, not to reproduce the papers' absolute PER.
+
+Examples:
+    # phoneme error rate of a distilled student (LibriSpeech layout dirs, CMUdict-style lexicon)
+    python eval.py probe --upstream runs/armhubert/last.pt \\
+        --train data/LibriSpeech/train-clean-100 --train_limit 2000 \\
+        --dev data/LibriSpeech/dev-clean --test data/LibriSpeech/test-clean \\
+        --lexicon librispeech-lexicon.txt --out results/armhubert_pr.json
+    # the floor: same architecture, random weights
+    python eval.py probe --upstream random:runs/armhubert/last.pt ...
+    # speed table (random HuBERT Base-sized teacher, no download)
+    python eval.py speed --seconds 4 --batch 8 --device cuda --out results/speed.json
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import model
+
+# ----------------------------------------------------------------------------
+# 1. Greedy CTC decoding and error rates (SPEC 5)
+# ----------------------------------------------------------------------------
+
+
+def greedy_decode(logits_or_ids, lengths, blank=0):
+    """Greedy CTC decoding: argmax per frame, collapse repeats, drop blanks.
+
+    logits_or_ids: (B, T, V) scores or (B, T) integer ids; lengths: (B,) valid frames.
+    Returns a list of B lists of unit ids. Example with blank = 0:
+        ids [0, 1, 1, 0, 1, 2, 2, 0] -> collapse [0, 1, 0, 1, 2, 0] -> drop blanks [1, 1, 2]
+    (the blank between the two 1s is what lets CTC emit a unit twice in a row).
+    """
+    ids = logits_or_ids.argmax(dim=-1) if logits_or_ids.is_floating_point() else logits_or_ids  # (B, T)
+    out = []
+    for b in range(ids.shape[0]):
+        seq = ids[b, : int(lengths[b])].tolist()  # padded frames are never decoded
+        hyp, prev = [], None
+        for i in seq:
+            if i != prev and i != blank:
+                hyp.append(i)
+            prev = i  # subtle: prev is updated on blanks too, so 1 0 1 gives two 1s
+        out.append(hyp)
+    return out
+
+
+def edit_distance(ref, hyp):
+    """Levenshtein distance between two sequences: fewest substitutions + insertions + deletions.
+
+    Plain dynamic programme over a (len(ref)+1) x (len(hyp)+1) table, kept one row at a time:
+    d[i][j] = edits to turn ref[:i] into hyp[:j].
+    """
+    prev = list(range(len(hyp) + 1))  # d[0][j] = j insertions
+    for i in range(1, len(ref) + 1):
+        cur = [i] + [0] * len(hyp)  # d[i][0] = i deletions
+        for j in range(1, len(hyp) + 1):
+            cur[j] = min(prev[j] + 1,  # delete ref[i-1]
+                         cur[j - 1] + 1,  # insert hyp[j-1]
+                         prev[j - 1] + (ref[i - 1] != hyp[j - 1]))  # substitute (or match: +0)
+        prev = cur
+    return prev[-1]
+
+
+def error_rate(refs, hyps):
+    """Corpus-level error rate in percent: 100 * sum of edits / sum of reference lengths.
+
+    Not the mean of per-utterance rates (SPEC 5): a short utterance with one error would
+    otherwise weigh as much as a long one. Returns (rate %, total edits, total ref length).
+    """
+    if len(refs) != len(hyps):
+        raise ValueError(f"error_rate: {len(refs)} references but {len(hyps)} hypotheses")
+    edits = sum(edit_distance(r, h) for r, h in zip(refs, hyps))
+    ref_len = sum(len(r) for r in refs)
+    if ref_len == 0:
+        raise ValueError("error_rate: the references are all empty (total length 0)")
+    return 100.0 * edits / ref_len, edits, ref_len
+
+
+# ----------------------------------------------------------------------------
+# 2. Labels: lexicon, transcripts -> units, LibriSpeech-layout splits
+# ----------------------------------------------------------------------------
+
+BLANK = "<blank>"  # CTC blank, always unit id 0
+WORD_SEP = "|"  # word separator of the character unit (as in SUPERB's ASR and wav2letter)
+# LibriSpeech transcripts use exactly these characters (upper-case letters, apostrophe, space).
+CHARS = [WORD_SEP] + [chr(c) for c in range(ord("A"), ord("Z") + 1)] + ["'"]
+
+
+def read_lexicon(path):
+    """Read a pronunciation lexicon: {WORD: [phone, ...]}.
+
+    One entry per line, `WORD ph ph ...`, separated by spaces or tabs (librispeech-lexicon.txt
+    and CMUdict both fit). Words are upper-cased for lookup. A word listed more than once
+    keeps its FIRST pronunciation, as SUPERB's lexicon reader does; later ones are counted and
+    reported. Blank lines and CMUdict comments (`;;;`) are not entries. Phones are taken as
+    written (stress digits such as AH0 / AH1 stay distinct units if the lexicon has them).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--lexicon {path}: file not found")
+    lexicon, repeated = {}, 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts or parts[0].startswith(";;;"):
+                continue
+            if len(parts) < 2:
+                raise ValueError(f"--lexicon {path}:{line_no}: expected 'WORD ph ph ...', "
+                                 f"found the word {parts[0]!r} with no phones")
+            word = parts[0].upper()
+            if word in lexicon:
+                repeated += 1  # choice (SUPERB): first pronunciation wins
+                continue
+            lexicon[word] = parts[1:]
+    if not lexicon:
+        raise ValueError(f"--lexicon {path}: no entries found (expected lines 'WORD ph ph ...')")
+    if repeated:
+        print(f"lexicon: {path}: {len(lexicon)} words; {repeated} further pronunciations ignored (first one wins)")
+    return lexicon
+
+
+class UnknownWord(ValueError):
+    """A transcript word that the lexicon does not have."""
+
+    def __init__(self, word, where):
+        super().__init__(f"word {word!r} of {where} is not in the lexicon "
+                         "(pass --skip-unknown to leave such utterances out, counted)")
+        self.word = word
+
+
+def text_to_units(text, unit, lexicon=None, where="transcript"):
+    """A transcript as a list of unit strings.
+
+    unit "phone": every word (upper-cased) looked up in `lexicon`; a missing word raises
+      UnknownWord naming the word and `where`.
+    unit "char": letters with WORD_SEP between words, e.g. "AN APPLE" -> A N | A P P L E;
+      a character outside CHARS is an error naming it.
+    """
+    words = text.upper().split()
+    if not words:
+        raise ValueError(f"{where}: empty transcript")
+    if unit == "phone":
+        units = []
+        for w in words:
+            if w not in lexicon:
+                raise UnknownWord(w, where)
+            units.extend(lexicon[w])
+        return units
+    if unit == "char":
+        for w in words:
+            bad = [c for c in w if c not in CHARS or c == WORD_SEP]
+            if bad:
+                raise ValueError(f"{where}: character {bad[0]!r} in word {w!r} is not in the character set "
+                                 f"{''.join(CHARS[1:])!r} (letters and apostrophe)")
+        return list(WORD_SEP.join(words))
+    raise ValueError(f"--unit {unit!r}: expected 'phone' or 'char'")
+
+
+def unit_vocabulary(unit, lexicon=None):
+    """Unit strings by id; id 0 is the CTC blank (SPEC 5)."""
+    if unit == "phone":
+        # choice: the vocabulary is every phone of the lexicon, so it does not depend on
+        # which words the splits happen to contain
+        return [BLANK] + sorted({p for phones in lexicon.values() for p in phones})
+    return [BLANK] + CHARS
+
+
+def units_to_words(units):
+    """Decoded characters back to words: split at WORD_SEP, drop empty words (for WER)."""
+    return [w for w in "".join(units).split(WORD_SEP) if w]
+
+
+@dataclass
+class Split:
+    """One LibriSpeech-layout split: utterances with audio paths and unit-id labels."""
+
+    name: str  # "train" / "dev" / "test"
+    root: str
+    ids: List[str] = field(default_factory=list)
+    paths: List[str] = field(default_factory=list)
+    num_samples: List[int] = field(default_factory=list)
+    texts: List[str] = field(default_factory=list)
+    labels: List[List[int]] = field(default_factory=list)  # unit ids, blank (0) never appears
+    skipped_unknown: int = 0  # utterances left out for an unknown word (--skip-unknown)
+    unused_audio: int = 0  # audio files without a transcript line
+    features: list = None  # filled by extract_features: per utterance (float16 (L, T, D), float32 scale (L, 1, 1))
+
+
+def _trans_file_of(audio_path):
+    """The *.trans.txt next to an audio file (LibriSpeech keeps one per chapter folder), for messages."""
+    folder = os.path.dirname(audio_path)
+    found = sorted(n for n in os.listdir(folder) if n.endswith(".trans.txt"))
+    return os.path.join(folder, found[0]) if found else folder
+
+
+def load_split(name, root, unit, lexicon, vocab, skip_unknown=False, limit=0):
+    """Read a LibriSpeech-layout directory (`*/*/*.flac` + `*.trans.txt`) into a Split.
+
+    Every transcript line needs its audio file (utterance id = file name without extension);
+    a missing or unusable one is an error naming it. Audio files without a transcript line
+    are counted and reported. With limit > 0 only the first `limit` utterances by id are used.
+    """
+    flag = f"--{name}"
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{flag} {root}: directory not found")
+    texts = data.read_transcripts(root)  # raises on malformed or empty lines, naming file:line
+    items, report = data.scan_audio(root, verbose=False)
+    audio = {os.path.splitext(os.path.basename(p))[0]: (p, n) for p, n in items}
+    bad = {os.path.splitext(os.path.basename(p))[0]: (p, why) for p, why in report}
+    split = Split(name, root)
+    split.unused_audio = len(set(audio) - set(texts))
+    to_id = {u: i for i, u in enumerate(vocab)}
+    utt_ids = sorted(texts)
+    if limit and limit > 0:
+        utt_ids = utt_ids[:limit]
+    for utt in utt_ids:
+        if utt in bad:
+            raise ValueError(f"{flag} {root}: audio of utterance {utt!r} is unusable: {bad[utt][0]}: {bad[utt][1]}")
+        if utt not in audio:
+            raise FileNotFoundError(f"{flag} {root}: no audio file for utterance {utt!r} "
+                                    f"(expected {utt}.flac or {utt}.wav under {root})")
+        path, n = audio[utt]
+        where = f"utterance {utt} in {_trans_file_of(path)}"
+        try:
+            units = text_to_units(texts[utt], unit, lexicon, where)
+        except UnknownWord:
+            if not skip_unknown:
+                raise
+            split.skipped_unknown += 1  # counted and reported, never silent
+            continue
+        missing = [u for u in units if u not in to_id]
+        if missing:  # cannot happen for phones (vocabulary = lexicon phones); kept as a guard
+            raise ValueError(f"{where}: unit {missing[0]!r} is not in the vocabulary")
+        split.ids.append(utt)
+        split.paths.append(path)
+        split.num_samples.append(n)
+        split.texts.append(texts[utt])
+        split.labels.append([to_id[u] for u in units])
+    if not split.ids:
+        raise ValueError(f"{flag} {root}: no usable utterance ({split.skipped_unknown} skipped for unknown words)")
+    hours = sum(split.num_samples) / data.SAMPLE_RATE / 3600
+    print(f"{name}: {root}: {len(split.ids)} utterances, {hours:.2f} h"
+          + (f", {split.skipped_unknown} skipped (word not in lexicon)" if split.skipped_unknown else "")
+          + (f", {split.unused_audio} audio files without transcript (not used)" if split.unused_audio else "")
+          + (f", limited to the first {limit} by id (--{name}_limit)" if limit else ""))
+    return split
+
+
+# ----------------------------------------------------------------------------
+# 3. Upstreams: what the probe listens to
+#
+# Spec strings (--upstream of probe, --teacher of speed):
+#   PATH.pt            a distill.py checkpoint (has a "student" key) -> Student
+#   tiny | NAME | PATH anything model.load_teacher accepts -> Teacher
+#   random:NAME        a torchaudio bundle geometry (e.g. random:hubert_base) with random weights,
+#                      no download; random:tiny = the tiny teacher drawn with --seed
+#   random:PRESET[:T]  a student preset with random weights, fitted to teacher T
+#                      (default: a HuBERT Base-sized description, nothing loaded)
+#   random:CKPT        the config of a distill.py checkpoint with fresh weights: the floor row
+#                      at exactly the same size
+#   cnn:SPEC           only the conv front end of SPEC: one "layer", (B, T, C)
+# ----------------------------------------------------------------------------
+
+
+def hubert_base_description():
+    """What model.fit_to_teacher needs to know of HuBERT Base, without building or downloading it."""
+    import torchaudio
+
+    return types.SimpleNamespace(config=dict(torchaudio.pipelines.HUBERT_BASE._params), dim=768, num_layers=12)
+
+
+def random_teacher(name, seed=0):
+    """A Teacher with the geometry of a torchaudio bundle (or `tiny`) and random weights.
+
+    Timing does not need trained weights, so `speed` defaults to random:hubert_base and
+    never downloads anything.
+    """
+    import torchaudio
+
+    if name == "tiny":
+        return model.teacher_from_checkpoint(model.tiny_teacher_checkpoint(seed), name="random:tiny")
+    if name.lower() not in model.BUNDLES:
+        raise ValueError(f"random:{name}: not a teacher bundle name ({', '.join(model.BUNDLES)}) nor 'tiny'")
+    bundle = getattr(torchaudio.pipelines, model.BUNDLES[name.lower()])
+    config = dict(bundle._params)
+    is_wavlm = bundle._model_type == "WavLM"
+    if is_wavlm:
+        config.setdefault("encoder_num_buckets", 320)
+    build = torchaudio.models.wavlm_model if is_wavlm else torchaudio.models.wav2vec2_model
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = build(**config)
+        mask_emb = torch.rand(config["encoder_embed_dim"])  # fairseq inits mask_emb uniform
+    return model.teacher_from_checkpoint({"config": config, "state_dict": m.state_dict(), "mask_emb": mask_emb},
+                                         name=f"random:{name}")
+
+
+def _is_student_checkpoint(path):
+    """True when `path` is a distill.py checkpoint; mmap avoids reading a large teacher file twice."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # pickle errors come in many types; model.load_teacher then reports the file's problem
+        return False
+    return isinstance(ckpt, dict) and "student" in ckpt and "config" in ckpt
+
+
+def build_upstream(spec, device="cpu", seed=0, flag="--upstream"):
+    """Resolve an upstream spec (see the table above) to a frozen module in eval mode.
+
+    Returns (module, cnn_only). The module has hidden_states(wav, lengths) and
+    cnn_features(wav, lengths); cnn_only says which one the probe reads.
+    """
+    cnn_only = spec.startswith("cnn:")
+    rest = spec[len("cnn:"):] if cnn_only else spec
+    if rest.startswith("cnn:"):
+        raise ValueError(f"{flag} {spec}: 'cnn:' given twice")
+    if rest.startswith("random:"):
+        what = rest[len("random:"):]
+        if os.path.isfile(what):
+            if not _is_student_checkpoint(what):
+                raise ValueError(f"{flag} {spec}: {what} is not a distill.py checkpoint (no 'student'/'config' keys); "
+                                 "random:FILE takes the architecture of a student checkpoint")
+            cfg = model.config_from_dict(torch.load(what, map_location="cpu", weights_only=True)["config"])
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                module = model.Student(cfg)  # same config, fresh weights: the floor at equal size
+        else:
+            preset, _, teacher_spec = what.partition(":")
+            if preset in model.PRESETS:
+                # choice: without ':TEACHER' the preset is fitted to HuBERT Base's geometry (the
+                # papers' size), described from torchaudio's config so nothing is downloaded
+                teacher = build_upstream(teacher_spec, "cpu", seed, flag)[0] if teacher_spec else hubert_base_description()
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed)
+                    module = model.build_student(preset, teacher)
+            elif not teacher_spec:
+                module = random_teacher(preset, seed)
+            else:
+                raise ValueError(f"{flag} {spec}: {preset!r} is not a student preset ({', '.join(model.PRESETS)})")
+    elif os.path.isfile(rest) and _is_student_checkpoint(rest):
+        module = model.load_student(rest, "cpu")
+    else:
+        try:
+            module = model.load_teacher(rest, "cpu")
+        except ValueError as e:
+            raise ValueError(f"{flag} {spec}: {e}\n  also accepted: a distill.py checkpoint, random:NAME, "
+                             f"random:PRESET[:TEACHER] (presets: {', '.join(model.PRESETS)}), random:CKPT, cnn:SPEC") from e
+    module = module.to(device).eval()
+    module.requires_grad_(False)  # frozen: the probe never changes the upstream
+    return module, cnn_only
+
+
+@torch.no_grad()
+def upstream_layers(module, cnn_only, wav, lengths):
+    """(list of L tensors (B, T, D), frame_lengths): the layers the featurizer weights."""
+    if cnn_only:
+        feats, frame_lengths = module.cnn_features(wav, lengths)  # (B, T, C)
+        return [feats], frame_lengths
+    layers, frame_lengths = module.hidden_states(wav, lengths)
+    # note: Teacher.hidden_states returns blocks 1..L (model.py's layer convention), while
+    # SUPERB's weighted sum also includes hidden_states[0], the transformer input. Students of
+    # the distilhubert preset return [input, layer 1, ..., layer N] as their SUPERB upstream does.
+    return layers, frame_lengths
+
+
+# ----------------------------------------------------------------------------
+# 4. Feature cache: the frozen upstream runs once over each split
+# ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(module, cnn_only, split, device, batch_size=8, max_cache_gb=16.0, cached_before=0):
+    """Run the frozen upstream over `split` once; store per utterance its (L, T, D) layers in float16.
+
+    choice: float16 halves the cache; its 3-digit precision is far below the probe's noise, and
+    each layer is stored scaled to max |x| = 1 (scale kept in float32) so that neither tiny
+    (random conv) nor large (pre-LN) activations leave float16's range. The probe turns a
+    batch back to float32 upstream values before the featurizer. Utterances run in batches of similar length
+    (sorted by length: little padding); model.py checks that padding never changes a valid
+    frame, so batching does not change the features. Returns the number of bytes cached.
+    """
+    order = sorted(range(len(split.ids)), key=lambda i: split.num_samples[i])
+    split.features = [None] * len(split.ids)
+    total, start = 0, time.time()  # bytes cached for this split
+    for k in range(0, len(order), batch_size):
+        idx = order[k: k + batch_size]
+        wav, lengths = data.collate([data.load_audio(split.paths[i]) for i in idx])  # (B, S), (B,)
+        for i, n in zip(idx, lengths.tolist()):
+            if n != split.num_samples[i]:
+                raise ValueError(f"{split.paths[i]}: decoded {n} samples but the header said {split.num_samples[i]}")
+        layers, frame_lengths = upstream_layers(module, cnn_only, wav.to(device), lengths.to(device))
+        stacked = torch.stack(layers, dim=1).float()  # (B, L, T, D)
+        for b, i in enumerate(idx):
+            x = stacked[b, :, : int(frame_lengths[b])]  # (L, T_b, D) valid frames only
+            # subtle: float16's smallest normal number is 6e-5 and a random conv stack's features
+            # can be ~1e-4, so each layer is stored divided by its max |x| (float32 scale, (L, 1, 1))
+            scale = x.abs().amax(dim=(1, 2), keepdim=True).clamp(min=1e-30)  # (L, 1, 1)
+            split.features[i] = ((x / scale).to("cpu", torch.float16), scale.cpu())
+            total += x.numel() * 2
+        if cached_before + total > max_cache_gb * 2 ** 30:
+            raise MemoryError(f"{split.name}: the feature cache of all splits passed --max_cache_gb {max_cache_gb} after "
+                              f"{k + len(idx)} of {len(order)} utterances; use --{split.name}_limit or a smaller split")
+    L, _, D = split.features[0][0].shape
+    print(f"{split.name}: cached {len(order)} utterances x {L} layers x {D} dims in float16: "
+          f"{total / 2 ** 20:.1f} MB in {time.time() - start:.1f} s")
+    # CTC cannot align a label sequence longer than its frames (plus one blank between repeats);
+    # zero_infinity makes such utterances contribute zero loss; count them so it is not silent.
+    too_short = sum(f.shape[1] < len(y) + sum(a == b for a, b in zip(y, y[1:]))
+                    for (f, _), y in zip(split.features, split.labels))
+    if too_short:
+        print(f"{split.name}: warning: {too_short} utterances have fewer frames than CTC needs for their labels "
+              "(zero loss in training, still scored in evaluation)")
+    return total
+
+
+def pad_batch(features, idx, device):
+    """Cached utterances (float16 (L, T_b, D), scale (L, 1, 1)) -> (B, L, T_max, D) float32 zero-padded, lengths (B,)."""
+    lengths = torch.tensor([features[i][0].shape[1] for i in idx], dtype=torch.long)
+    L, _, D = features[idx[0]][0].shape
+    x = torch.zeros(len(idx), L, int(lengths.max()), D)  # (B, L, T, D)
+    for b, i in enumerate(idx):
+        half, scale = features[i]
+        x[b, :, : half.shape[1]] = half.float() * scale  # back to the upstream's own values
+    return x.to(device), lengths.to(device)
+
+
+# ----------------------------------------------------------------------------
+# 5. The probe: weighted sum of layers + linear CTC head (SUPERB PR)
+# ----------------------------------------------------------------------------
+
+
+class WeightedSum(nn.Module):
+    """SUPERB's featurizer: h = sum_l softmax(w)_l * layer_l, one learned scalar per layer.
+
+    w starts at zero, i.e. a uniform average of the layers. normalize=True first applies a
+    LayerNorm without affine parameters to each layer (s3prl's Featurizer `normalize` option,
+    off by default in SUPERB, and here).
+    """
+
+    def __init__(self, num_layers, normalize=False):
+        super().__init__()
+        self.weights = nn.Parameter(torch.zeros(num_layers))  # softmax(0) = uniform
+        self.normalize = normalize
+
+    def forward(self, layers):
+        """layers: (B, L, T, D) -> (B, T, D)."""
+        if self.normalize:
+            layers = F.layer_norm(layers, layers.shape[-1:])  # per layer and frame, over D
+        w = self.weights.softmax(dim=0)  # (L,), sums to 1
+        return torch.einsum("l,bltd->btd", w, layers)  # (B, T, D)
+
+
+class Probe(nn.Module):
+    """WeightedSum + Linear(D -> V): frame-level unit scores, V = units + blank (id 0).
+
+    choice: one Linear. SUPERB's PR downstream (s3prl libriphone.yaml) stacks Linear(D -> 256)
+    and a linear frame-level layer, which is also linear but with a rank-256 bottleneck.
+    choice (--head_init): the head starts at zero, so every unit is equally likely, greedy
+    decoding emits nothing (the untrained PER is exactly 100 %) and two runs differ only in
+    batch order. PyTorch's default random init (what SUPERB uses, `--head_init random`) made
+    some seeds stall far above that on the tiny test task.
+    note: a linear CTC head emits a unit with the same probability q on frames whose features
+    are alike; over n alike frames the CTC likelihood has a local optimum at small q (greedy
+    decoding then outputs only blanks) once n >~ 5. Contextual upstream features, which change
+    across a phone, avoid it; a stationary synthetic sound of many frames does not.
+    """
+
+    def __init__(self, num_layers, dim, vocab_size, normalize=False, head_init="zero"):
+        super().__init__()
+        self.featurizer = WeightedSum(num_layers, normalize)
+        self.head = nn.Linear(dim, vocab_size)
+        if head_init == "zero":
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        elif head_init != "random":
+            raise ValueError(f"--head_init {head_init!r}: expected 'zero' or 'random'")
+
+    def forward(self, layers):
+        return self.head(self.featurizer(layers))  # (B, T, V)
+
+
+def ctc_loss(logits, frame_lengths, labels):
+    """CTC loss of a batch: logits (B, T, V), frame_lengths (B,), labels list of B id lists.
+
+    torch's ctc_loss wants time-major log-probs; the one transpose of this file is here.
+    zero_infinity: an utterance CTC cannot align gives 0 instead of inf (as SUPERB).
+    Reduction "mean": each utterance's loss divided by its label length, then the batch mean.
+    """
+    log_probs = logits.float().log_softmax(dim=-1).transpose(0, 1)  # (T, B, V)
+    targets = torch.tensor([u for y in labels for u in y], dtype=torch.long, device=logits.device)
+    target_lengths = torch.tensor([len(y) for y in labels], dtype=torch.long, device=logits.device)
+    return F.ctc_loss(log_probs, targets, frame_lengths, target_lengths, blank=0, zero_infinity=True)
+
+
+@torch.no_grad()
+def evaluate(probe, split, vocab, unit, device, batch_size=32):
+    """Greedy-decode a split; returns {"per": %, "edits", "ref_len"} (+ "wer" for --unit char)."""
+    probe.eval()
+    hyps = []
+    for k in range(0, len(split.ids), batch_size):
+        idx = list(range(k, min(k + batch_size, len(split.ids))))
+        x, lengths = pad_batch(split.features, idx, device)  # (B, L, T, D), (B,)
+        hyps.extend(greedy_decode(probe(x), lengths, blank=0))
+    rate, edits, ref_len = error_rate(split.labels, hyps)
+    result = {"per": rate, "edits": edits, "ref_len": ref_len}
+    if unit == "char":
+        ref_words = [t.upper().split() for t in split.texts]
+        hyp_words = [units_to_words([vocab[i] for i in h]) for h in hyps]
+        result["wer"], result["word_edits"], result["ref_words"] = error_rate(ref_words, hyp_words)
+    probe.train()
+    return result
+
+
+def run_probe(args):
+    """The whole probe: labels, feature cache, training with dev selection, test. Returns the result dict."""
+    start = time.time()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = check_device(args.device)
+    # --- labels
+    lexicon = read_lexicon(args.lexicon) if args.unit == "phone" else None
+    if args.unit == "char" and args.lexicon:
+        print("note: --unit char does not use --lexicon")
+    vocab = unit_vocabulary(args.unit, lexicon)
+    splits = {name: load_split(name, getattr(args, name), args.unit, lexicon, vocab, args.skip_unknown,
+                               getattr(args, f"{name}_limit"))
+              for name in ("train", "dev", "test")}
+    # --- frozen upstream, run once per split
+    module, cnn_only = build_upstream(args.upstream, device, args.seed)
+    n_params = sum(p.numel() for p in module.parameters())
+    print(f"upstream: {args.upstream} ({type(module).__name__}, {n_params / 1e6:.2f}M parameters"
+          f"{', conv front end only' if cnn_only else ''}), frozen")
+    cache_bytes = 0
+    for split in splits.values():
+        cache_bytes += extract_features(module, cnn_only, split, device, args.extract_batch,
+                                        args.max_cache_gb, cache_bytes)
+    del module  # the probe never needs the upstream again
+    extract_seconds = time.time() - start
+    train, dev, test = splits["train"], splits["dev"], splits["test"]
+    L, _, D = train.features[0][0].shape
+    # --- probe
+    probe = Probe(L, D, len(vocab), args.normalize, args.head_init).to(device)
+    opt = torch.optim.Adam(probe.parameters(), lr=args.lr)  # SUPERB PR: Adam, lr 1e-2, no schedule
+    rng = random.Random(args.seed)  # batch order: a pure function of --seed
+    order, pos = [], 0
+    best = {"per": float("inf"), "step": 0, "state": None}
+    history, losses, t_interval = [], [], time.time()
+    print(f"probe: {L} layers x {D} dims -> {len(vocab)} units ({args.unit}s + blank); "
+          f"{args.steps} steps, batch {args.batch_size}, Adam lr {args.lr}, eval every {args.eval_every}")
+    for step in range(0, args.steps + 1):
+        if step % args.eval_every == 0 or step == args.steps:
+            dev_result = evaluate(probe, dev, vocab, args.unit, device, args.batch_size)
+            if dev_result["per"] < best["per"]:  # strict: the earliest of equal states is kept
+                best = {"per": dev_result["per"], "step": step, "state": copy.deepcopy(probe.state_dict())}
+            train_loss = sum(losses) / len(losses) if losses else None  # None at step 0 (no step yet)
+            ms = 1000 * (time.time() - t_interval) / max(len(losses), 1)
+            loss_s = f"{train_loss:7.4f}" if train_loss is not None else "      -"
+            line = (f"step {step:>6}/{args.steps} | train ctc {loss_s} | dev {args.unit[0]}er "
+                    f"{dev_result['per']:6.2f}%" + (f" wer {dev_result['wer']:6.2f}%" if "wer" in dev_result else "")
+                    + f" | best {best['per']:6.2f}% @ {best['step']} | {ms:6.1f} ms/step | {time.time() - start:7.1f} s"
+                    + f" | eta {ms * (args.steps - step) / 1000:6.0f} s")
+            print(line, flush=True)
+            history.append({"step": step, "train_loss": train_loss, **{f"dev_{k}": v for k, v in dev_result.items()}})
+            losses, t_interval = [], time.time()
+        if step == args.steps:
+            break
+        # one training step on a random batch (each epoch a fresh permutation)
+        if pos + args.batch_size > len(order):
+            order, pos = list(range(len(train.ids))), 0
+            rng.shuffle(order)
+        idx = order[pos: pos + args.batch_size]
+        pos += args.batch_size
+        x, lengths = pad_batch(train.features, idx, device)  # (B, L, T, D), (B,)
+        loss = ctc_loss(probe(x), lengths, [train.labels[i] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(probe.parameters(), args.clip)  # SUPERB PR clips at 1
+        opt.step()
+        losses.append(loss.item())
+    # --- test with the best dev state
+    probe.load_state_dict(best["state"])
+    dev_final = evaluate(probe, dev, vocab, args.unit, device, args.batch_size)
+    test_result = evaluate(probe, test, vocab, args.unit, device, args.batch_size)
+    layer_weights = probe.featurizer.weights.softmax(0).tolist()
+    seconds = time.time() - start
+    result = {
+        "upstream": args.upstream, "unit": args.unit, "vocab_size": len(vocab),
+        "dev_per": dev_final["per"], "test_per": test_result["per"],  # percent; for --unit char: CER
+        "test_edits": test_result["edits"], "test_ref_len": test_result["ref_len"],
+        "best_step": best["step"], "steps": args.steps, "seconds": seconds, "extract_seconds": extract_seconds,
+        "layer_weights": layer_weights, "num_layers": L, "dim": D,
+        "n_train": len(train.ids), "n_dev": len(dev.ids), "n_test": len(test.ids),
+        "skipped_unknown": {n: s.skipped_unknown for n, s in splits.items()},
+        "cache_mb": cache_bytes / 2 ** 20, "initial_dev_per": history[0]["dev_per"],
+        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "normalize": args.normalize,
+        "head_init": args.head_init,
+        "history": history,
+    }
+    if args.unit == "char":
+        result["dev_wer"], result["wer"] = dev_final["wer"], test_result["wer"]  # "wer" = test WER
+    er = "PER" if args.unit == "phone" else "CER"
+    print(f"done: {args.upstream}: test {er} {result['test_per']:.2f}%"
+          + (f", test WER {result['wer']:.2f}%" if "wer" in result else "")
+          + f" (dev {er} {result['dev_per']:.2f}% at step {best['step']}; untrained {result['initial_dev_per']:.2f}%)"
+          f" | {len(train.ids)}/{len(dev.ids)}/{len(test.ids)} utterances | {seconds:.1f} s")
+    print("layer weights: " + " ".join(f"{w:.3f}" for w in layer_weights))
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+def write_json(path, obj):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    print(f"wrote {path}")
+
+
+def check_device(device):
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------
+# 6. Speed: the same batch through every model, side by side
+# ----------------------------------------------------------------------------
+
+METHODS = ("distilhubert", "armhubert", "colld", "gendistiller")  # distill.py --method values
+
+
+def torchaudio_maskhubert(seed=0):
+    """torchaudio's own wav2vec2_model at the maskhubert student's size (SPEC 2 table).
+
+    Same conv list (armhubert_conv(480)), dim 480, FFN 640, 12 layers, 12 heads, post-LN: a
+    reference implementation to compare our attention and conv code with. Differences that
+    remain: torchaudio's feature projection is LayerNorm + Linear(480 -> 480) where our student
+    has LayerNorm only, and our student also runs its 12 projection heads (480 -> teacher dim).
+    """
+    import torchaudio
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return torchaudio.models.wav2vec2_model(
+            extractor_mode="group_norm", extractor_conv_layer_config=model.armhubert_conv(480),
+            extractor_conv_bias=False, encoder_embed_dim=480, encoder_projection_dropout=0.0,
+            encoder_pos_conv_kernel=128, encoder_pos_conv_groups=16, encoder_num_layers=12,
+            encoder_num_heads=12, encoder_attention_dropout=0.0, encoder_ff_interm_features=640,
+            encoder_ff_interm_dropout=0.0, encoder_dropout=0.0, encoder_layer_norm_first=False,
+            encoder_layer_drop=0.0, aux_num_out=None,
+        )
+
+
+def peak_memory_mb(device):
+    """CUDA: max_memory_allocated since the last reset (this row only).
+
+    CPU: the process's peak resident set size (getrusage ru_maxrss). It is a high-water mark for
+    the whole process, never reset, so a row only shows more than the rows before it when it
+    needed more; tracemalloc would not see tensor memory at all.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def time_it(fn, device, repeats, warmup=1):
+    """Median wall time of fn() in ms over `repeats` runs after `warmup` runs, and peak memory (MB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):  # first runs pay for allocation, cuDNN autotuning, lazy init
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels are asynchronous: wait before reading the clock
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times), peak_memory_mb(device)
+
+
+def distill_api():
+    """distill.py's API for one training step, or (None, reason) when it is not there."""
+    try:
+        import distill
+    except ImportError as e:
+        return None, f"distill.py cannot be imported ({e})"
+    missing = [n for n in ("parse_args", "build_student_for", "distillation_loss") if not hasattr(distill, n)]
+    if missing:
+        return None, f"distill.py lacks {', '.join(missing)}"
+    return distill, ""
+
+
+def run_speed(args):
+    """Time every model on one batch of synthetic audio; print a markdown table. Returns the rows."""
+    device = check_device(args.device)
+    torch.manual_seed(args.seed)
+    S = int(args.seconds * data.SAMPLE_RATE)
+    if S < data.MIN_SAMPLES:
+        raise ValueError(f"--seconds {args.seconds}: needs at least {data.MIN_SAMPLES} samples (one frame)")
+    # synthetic noise: timing depends on the shape, not the content
+    wav = 0.1 * torch.randn(args.batch, S, device=device)  # (B, S)
+    lengths = torch.full((args.batch,), S, dtype=torch.long, device=device)  # (B,)
+    audio_seconds = args.batch * args.seconds
+    teacher, cnn_only = build_upstream(args.teacher, device, args.seed, flag="--teacher")
+    if cnn_only or not isinstance(teacher, model.Teacher):
+        raise ValueError(f"--teacher {args.teacher}: expected a teacher (tiny, a bundle name, a teacher file or "
+                         f"random:NAME), got a {type(teacher).__name__}")
+    rows, skipped = [], []
+
+    def add(name, fn, params):
+        ms, mem = time_it(fn, device, args.repeats, args.warmup)
+        rows.append({"model": name, "params_m": params / 1e6, "ms": ms, "audio_s_per_s": audio_seconds / (ms / 1000),
+                     "peak_mem_mb": mem})
+        print(f"  {name}: {ms:.1f} ms", flush=True)
+
+    print(f"speed: batch {args.batch} x {args.seconds} s of noise on {device}, median of {args.repeats} "
+          f"after {args.warmup} warm-up")
+    # --- forward passes (inference: no grad, eval mode)
+    with torch.no_grad():
+        add(f"teacher {args.teacher} forward", lambda: teacher(wav, lengths), sum(p.numel() for p in teacher.parameters()))
+        for preset in args.presets:
+            student = model.build_student(preset, teacher).to(device).eval()  # preset fitted to the teacher
+            # note: hidden_states is the deployed path (what the probe reads): distilhubert without its
+            # prediction heads, gendistiller free-running
+            add(f"student {preset} forward", lambda: student.hidden_states(wav, lengths),
+                model.count_parameters(student, with_heads=preset != "distilhubert"))
+            del student
+        ta = torchaudio_maskhubert(args.seed).to(device).eval()
+        add("torchaudio wav2vec2_model @ maskhubert size", lambda: ta.extract_features(wav, lengths),
+            sum(p.numel() for p in ta.parameters()))
+        del ta
+    # --- one distillation step per method (teacher forward + student forward + loss + backward + AdamW)
+    if args.skip_distill:
+        skipped.append("distillation steps: --skip_distill")
+    else:
+        distill, why = distill_api()
+        if distill is None:
+            skipped.append(f"distillation steps: {why}")
+        for method in (args.methods if distill is not None else ()):
+            # "--data synthetic" only satisfies the required flag; the batch here is our own
+            d_args = distill.parse_args(["--method", method, "--data", "synthetic", "--seed", str(args.seed)])
+            student = distill.build_student_for(d_args, teacher).to(device).train()
+            # the method's own recipe optimizer settings (AdamW); weight decay on every weight here,
+            # which costs the same time as distill.py's split into decayed / not-decayed groups
+            opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=d_args.lr,
+                                    betas=d_args.betas, eps=d_args.eps, weight_decay=d_args.weight_decay)
+            step = [0]
+
+            def one_step():
+                loss, _ = distill.distillation_loss(d_args, teacher, student, wav, lengths, step[0])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step[0] += 1
+
+            add(f"distill step {method}", one_step, sum(p.numel() for p in student.parameters()))
+            del student, opt
+    teacher_ms = rows[0]["ms"]
+    for r in rows:
+        r["x_teacher"] = r["ms"] / teacher_ms
+    print(markdown_table(rows, device, args))
+    for s in skipped:
+        print(f"skipped: {s}")
+    if args.out:
+        write_json(args.out, {"device": str(device), "batch": args.batch, "seconds": args.seconds,
+                              "repeats": args.repeats, "teacher": args.teacher, "rows": rows, "skipped": skipped})
+    return rows
+
+
+def markdown_table(rows, device, args):
+    mem = "peak CUDA mem (MB)" if device.type == "cuda" else "process peak RSS (MB)"
+    lines = [f"| model | params (M) | ms | audio s / s | {mem} | x teacher fwd |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params_m']:.2f} | {r['ms']:.1f} | {r['audio_s_per_s']:.1f} | "
+                     f"{r['peak_mem_mb']:.0f} | {r['x_teacher']:.2f} |")
+    note = ("" if device.type == "cuda" else
+            "\nCPU memory is the whole process's peak RSS so far (getrusage), not per row.")
+    return (f"\nBatch {args.batch} x {args.seconds} s, {device}, median of {args.repeats}; "
+            f"teacher {args.teacher} (random weights unless loaded: timing does not need trained ones).\n"
+            + "\n".join(lines) + note)
+
+
+# ----------------------------------------------------------------------------
+# 7. Command line
+# ----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("probe", help="SUPERB-style CTC probe on a frozen upstream (phones or characters)",
+                        description="Train a weighted-sum + linear CTC probe on a frozen upstream. The upstream runs "
+                                    "once over train/dev/test and ALL its layers are cached in memory in float16 "
+                                    "(about L x D x 100 bytes per second of audio), so training steps are cheap on CPU.")
+    g = pr.add_argument_group("upstream and data")
+    g.add_argument("--upstream", required=True,
+                   help="distill.py checkpoint | tiny | torchaudio bundle name | teacher file | random:NAME | "
+                        "random:PRESET[:TEACHER] | random:CKPT (fresh weights, same config) | cnn:SPEC (conv features only)")
+    g.add_argument("--train", required=True, help="LibriSpeech-layout directory (*/*/*.flac + *.trans.txt) to train the probe on")
+    g.add_argument("--dev", required=True, help="LibriSpeech-layout directory used to pick the best probe state")
+    g.add_argument("--test", required=True, help="LibriSpeech-layout directory for the final error rate")
+    g.add_argument("--lexicon", default=None, help="'WORD ph ph ...' per line, first pronunciation wins (needed for --unit phone)")
+    g.add_argument("--unit", choices=("phone", "char"), default="phone",
+                   help="phone: PER via the lexicon; char: letters + '|' word separator, reports CER and WER")
+    g.add_argument("--skip-unknown", "--skip_unknown", dest="skip_unknown", action="store_true",
+                   help="leave out (and count) utterances with a word missing from the lexicon instead of failing")
+    for name in ("train", "dev", "test"):
+        g.add_argument(f"--{name}_limit", type=int, default=0,
+                       help=f"use only the first N {name} utterances by id (0 = all): the cache must fit in memory")
+    g = pr.add_argument_group("probe training (defaults: SUPERB PR, s3prl libriphone.yaml, except steps)")
+    g.add_argument("--steps", type=int, default=2000,
+                   help="training steps (SUPERB: 100k on train-clean-100; a small subset needs far fewer)")
+    g.add_argument("--eval_every", "--eval-every", dest="eval_every", type=int, default=200,
+                   help="evaluate on dev every N steps and keep the best state (SUPERB: 1000)")
+    g.add_argument("--batch_size", type=int, default=32, help="utterances per step (SUPERB: 16 x 2 accumulation)")
+    g.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (SUPERB PR: 1e-2)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping, 0 = off (SUPERB PR: 1)")
+    g.add_argument("--normalize", action="store_true",
+                   help="LayerNorm (no affine) on each layer before the weighted sum (s3prl option; SUPERB default off)")
+    g.add_argument("--head_init", choices=("zero", "random"), default="zero",
+                   help="zero: uniform output at start, untrained PER exactly 100%% (choice); random: PyTorch's default (SUPERB)")
+    g = pr.add_argument_group("run")
+    g.add_argument("--extract_batch", type=int, default=8, help="utterances per upstream forward while caching features")
+    g.add_argument("--max_cache_gb", type=float, default=16.0,
+                   help="stop with an error when the float16 feature cache (all layers, all splits) passes this many GiB")
+    g.add_argument("--seed", type=int, default=0, help="seed of the probe init, batch order and random: upstreams")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (upstream extraction and probe)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0 = torch's default); 1 is often fastest for the small probe ops")
+    g.add_argument("--out", default=None, help="write the result JSON here")
+
+    sp = sub.add_parser("speed", help="time teacher, students, torchaudio reference and distillation steps")
+    sp.add_argument("--teacher", default="random:hubert_base",
+                    help="tiny | bundle name | teacher file | random:NAME (default: HuBERT Base size, random weights, "
+                         "no download: timing does not need trained weights)")
+    sp.add_argument("--presets", nargs="+", default=list(model.PRESETS), choices=list(model.PRESETS),
+                    help="student presets to time (each fitted to the teacher)")
+    sp.add_argument("--seconds", type=float, default=4.0, help="seconds of audio per utterance")
+    sp.add_argument("--batch", type=int, default=8, help="utterances per batch")
+    sp.add_argument("--repeats", type=int, default=5, help="timed runs per row; the median is reported")
+    sp.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    sp.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                    help="distill.py methods to time one training step of (student = the method's default preset)")
+    sp.add_argument("--skip_distill", action="store_true", help="do not time distillation steps (reported as skipped)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the random weights and audio")
+    sp.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    sp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    sp.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    if args.command == "probe":
+        if args.unit == "phone" and not args.lexicon:
+            p.error("--unit phone needs --lexicon FILE")
+        for flag in ("steps", "eval_every", "batch_size", "extract_batch"):
+            if getattr(args, flag) < 1:
+                p.error(f"--{flag} {getattr(args, flag)}: expected a positive integer")
+    elif args.repeats < 1 or args.batch < 1:
+        p.error(f"--repeats {args.repeats} / --batch {args.batch}: expected positive integers")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads > 0:
+        # note: with more threads than free cores, OpenMP workers spin and wait on each other;
+        # small ops (the probe's) can then run tens of times slower than on one thread
+        torch.set_num_threads(args.threads)
+    return run_probe(args) if args.command == "probe" else run_speed(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2015 @@
+"""All tests of the project, one pytest file, CPU only, tiny random configs, no downloads.
+
+    python -m pytest -q test_all.py
+
+Behaviour, not lines: equivalences (torchaudio parity, fused == explicit attention, padded ==
+single runs, DDP == one process, resumed == straight), hand-worked loss values, overfitting one
+batch, masking statistics, the papers' parameter counts, and the documented errors.
+"""
+from dataclasses import replace
+import glob
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import data
+import losses
+from losses import (colld_loss, distilhubert_loss, gendistiller_loss,
+                    masking_distillation_loss, valid_mask)
+import model
+from model import PRESETS, SelfAttention, Student, fit_to_teacher
+import distill
+import eval as ev
+
+
+# ----------------------------------------------------------------------------
+# data.py: audio, scanning, batching, span masking
+# ----------------------------------------------------------------------------
+
+def _tone(num_samples, sample_rate, freq=440.0, amp=0.5):
+    t = np.arange(num_samples) / sample_rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _runs(row):
+    """(start, length) of every run of True in a 1-D bool tensor."""
+    x = np.concatenate([[0], row.numpy().astype(np.int8), [0]])
+    d = np.diff(x)
+    starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+    return list(zip(starts.tolist(), (ends - starts).tolist()))
+
+
+# ----------------------------------------------------------------------------
+# conventions and loading
+
+
+def test_frame_count_formula_and_types():
+    cases = {0: 0, 1: 0, 79: 0, 80: 0, 399: 0, 400: 1, 719: 1, 720: 2, 16000: 49, 16080: 50}
+    for n, want in cases.items():
+        assert data.frame_count(n) == want, n
+    t = torch.tensor(list(cases), dtype=torch.long)
+    assert data.frame_count(t).tolist() == list(cases.values())
+    assert data.frame_count(np.array(list(cases))).tolist() == list(cases.values())
+    with pytest.raises(TypeError):
+        data.frame_count(torch.tensor([400.0]))
+
+
+def test_load_audio_resamples_8k_stereo_to_16k_mono(tmp_path):
+    left, right = _tone(8000, 8000, 440.0, 0.6), _tone(8000, 8000, 440.0, 0.2)
+    path = tmp_path / "stereo8k.wav"
+    sf.write(path, np.stack([left, right], axis=1), 8000, subtype="FLOAT")
+    wav = data.load_audio(path)
+    assert wav.dtype == torch.float32 and wav.dim() == 1
+    assert wav.shape[0] == 16000  # 1 s at 16 kHz
+    # mono average of 0.6 and 0.2 amplitude tones -> 0.4; the 440 Hz tone survives resampling
+    spectrum = torch.fft.rfft(wav).abs()
+    assert abs(int(spectrum.argmax()) - 440) <= 1  # 1 Hz bins for a 1 s signal
+    assert abs(float(wav[2000:14000].abs().max()) - 0.4) < 0.02
+    # no resampling at 16 kHz: exact channel average
+    path16 = tmp_path / "stereo16k.wav"
+    sf.write(path16, np.stack([left, right], axis=1), 16000, subtype="FLOAT")
+    assert torch.allclose(data.load_audio(path16), torch.from_numpy((left + right) / 2))
+
+
+def test_load_audio_errors_name_the_file(tmp_path):
+    with pytest.raises(data.AudioError, match="missing.wav"):
+        data.load_audio(tmp_path / "missing.wav")
+    bad = tmp_path / "garbage.flac"
+    bad.write_bytes(b"not audio at all" * 10)
+    with pytest.raises(data.AudioError, match="garbage.flac.*unreadable"):
+        data.load_audio(bad)
+
+
+# ----------------------------------------------------------------------------
+# corpus scanning
+
+
+def test_scan_audio_keeps_good_and_reports_bad(tmp_path, capsys):
+    sf.write(tmp_path / "good.flac", _tone(16000, 16000), 16000)
+    sf.write(tmp_path / "good8k.wav", _tone(8001, 8000), 8000)  # resampled length ceil(8001*2) = 16002
+    (tmp_path / "empty.wav").write_bytes(b"")
+    sf.write(tmp_path / "short.wav", _tone(200, 16000), 16000)
+    (tmp_path / "garbage.flac").write_bytes(b"\x00garbage" * 50)
+    (tmp_path / "notes.txt").write_text("not audio, ignored")
+    items, report = data.scan_audio(tmp_path)
+    assert items == [(str(tmp_path / "good.flac"), 16000), (str(tmp_path / "good8k.wav"), 16002)]
+    # the scanned length is exactly what load_audio returns after resampling
+    assert data.load_audio(items[1][0]).shape[0] == items[1][1]
+    reasons = {p.split("/")[-1]: r for p, r in report}
+    assert reasons["empty.wav"] == "empty"
+    assert reasons["short.wav"] == "shorter than one frame (200 samples < 400)"
+    assert reasons["garbage.flac"].startswith("unreadable: ")
+    assert len(report) == 3
+    out = capsys.readouterr().out
+    assert "3 bad files" in out and "garbage.flac" in out and "short.wav" in out and "empty.wav" in out
+
+
+def test_scan_audio_bad_directories_are_errors(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        data.scan_audio(missing)
+    empty_dir = tmp_path / "emptydir"
+    empty_dir.mkdir()
+    with pytest.raises(ValueError, match="emptydir"):
+        data.scan_audio(empty_dir)
+    only_bad = tmp_path / "onlybad"
+    only_bad.mkdir()
+    (only_bad / "x.wav").write_bytes(b"")
+    with pytest.raises(ValueError, match="onlybad"):
+        data.scan_audio(only_bad, verbose=False)
+
+
+def test_print_scan_report_truncates(capsys):
+    report = [(f"/d/f{i:02d}.wav", "empty") for i in range(25)]
+    data.print_scan_report(report, "/d")
+    out = capsys.readouterr().out
+    assert "25 bad files" in out and "/d/f19.wav" in out and "/d/f20.wav" not in out and "and 5 more" in out
+
+
+def test_librispeech_layout_and_transcripts(tmp_path):
+    chapter = tmp_path / "103" / "1240"
+    chapter.mkdir(parents=True)
+    for k in range(2):
+        sf.write(chapter / f"103-1240-000{k}.flac", _tone(3200 + k, 16000), 16000)
+    (chapter / "103-1240.trans.txt").write_text("103-1240-0000 CHAPTER ONE\n103-1240-0001 MISSUS RACHEL LYNDE\n")
+    items, report = data.scan_audio(tmp_path, verbose=False)
+    assert [n for _, n in items] == [3200, 3201] and report == []
+    texts = data.read_transcripts(tmp_path)
+    assert texts == {"103-1240-0000": "CHAPTER ONE", "103-1240-0001": "MISSUS RACHEL LYNDE"}
+    ds = data.AudioDataset(items)
+    assert ds.names == ["103-1240-0000", "103-1240-0001"]
+    assert all(name in texts for name in ds.names)
+    (chapter / "103-1240.trans.txt").write_text("103-1240-0000\n")
+    with pytest.raises(ValueError, match=r"103-1240.trans.txt:1"):
+        data.read_transcripts(tmp_path)
+
+
+# ----------------------------------------------------------------------------
+# synthetic corpus
+
+
+def test_synthetic_deterministic_and_lengths():
+    a = data.SyntheticSpeech(num_utterances=4, seed=3, min_seconds=0.5, max_seconds=1.5)
+    b = data.SyntheticSpeech(num_utterances=8, seed=3, min_seconds=0.5, max_seconds=1.5)
+    c = data.SyntheticSpeech(num_utterances=4, seed=4, min_seconds=0.5, max_seconds=1.5)
+    assert a.lengths == b.lengths[:4]  # utterance i depends on (seed, i) only
+    for i in range(4):
+        x = a[i]
+        assert x.dtype == torch.float32 and x.shape == (a.lengths[i],)
+        assert 8000 <= x.shape[0] <= 24000
+        assert torch.equal(x, b[i]) and torch.equal(x, a[i])
+        assert torch.isfinite(x).all() and x.abs().max() <= 1.0
+    assert not torch.equal(a[0][:8000], c[0][:8000])
+
+
+def test_synthetic_looks_like_speech():
+    x = data.SyntheticSpeech(num_utterances=1, seed=0, min_seconds=3.0, max_seconds=3.0)[0]
+    # loud syllables and quiet pauses: frame energies span a wide range
+    frames = x[: len(x) // 320 * 320].view(-1, 320)  # (T, 320), 20 ms frames
+    rms = frames.pow(2).mean(1).sqrt()
+    assert rms.max() > 20 * rms.min()
+    # most energy in the speech band below 4 kHz
+    power = torch.fft.rfft(x).abs().pow(2)
+    freqs = torch.fft.rfftfreq(len(x), 1 / data.SAMPLE_RATE)
+    assert power[freqs < 4000].sum() > 0.8 * power.sum()
+
+
+# ----------------------------------------------------------------------------
+# dataset, sampler, collate, loader
+
+
+def test_dataset_crop_is_deterministic_per_seed_epoch_index():
+    corpus = data.SyntheticSpeech(num_utterances=3, seed=0, min_seconds=1.0, max_seconds=2.0)
+    ds = data.AudioDataset(corpus, max_samples=4000, seed=7)
+    assert ds.lengths == [4000, 4000, 4000]
+    full = corpus[1]
+    x0, x0_again, x1 = ds[(0, 1)], ds[(0, 1)], ds[(1, 1)]
+    assert x0.shape == (4000,) and torch.equal(x0, x0_again)
+    assert not torch.equal(x0, x1)  # a new epoch draws a new window
+    # the crop is a window of the full utterance
+    start = next(s for s in range(len(full) - 4000 + 1) if torch.equal(full[s : s + 4000], x0))
+    assert 0 <= start
+    assert torch.equal(ds[1], x0)  # plain int index = epoch 0
+    assert torch.equal(data.AudioDataset(corpus)[(5, 2)], corpus[2])  # no max_samples: whole utterance
+
+
+def test_sampler_budget_coverage_and_shuffle():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(500, 50_000, size=200).tolist() + [150_000]  # the last is over budget
+    budget = 100_000
+    s = data.LengthBucketSampler(lengths, max_batch_samples=budget, seed=1)
+    orders = []
+    for epoch in range(2):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert len(batches) == len(s)
+        assert all(e == epoch for b in batches for e, _ in b)
+        ids = [i for b in batches for _, i in b]
+        assert sorted(ids) == list(range(len(lengths)))  # every index exactly once
+        for b in batches:
+            longest = max(lengths[i] for _, i in b)
+            assert len(b) * longest <= budget or len(b) == 1
+        assert [(epoch, 200)] in batches  # the long utterance is alone, not dropped
+        orders.append([[i for _, i in b] for b in batches])
+    assert orders[0] != orders[1]  # epochs shuffle the batch order differently
+    assert sorted(map(tuple, orders[0])) == sorted(map(tuple, orders[1]))  # same batches
+    s.set_epoch(1)
+    assert [[i for _, i in b] for b in s] == orders[1]  # reproducible
+    capped = data.LengthBucketSampler(lengths, max_batch_samples=budget, max_batch_size=3)
+    assert max(len(b) for b in capped.batches) == 3
+    assert sorted(i for b in capped.batches for i in b) == list(range(len(lengths)))
+
+
+def test_sampler_resume_mid_epoch():
+    lengths = list(range(1000, 60_000, 500))
+    s = data.LengthBucketSampler(lengths, max_batch_samples=120_000, seed=5)
+    s.set_epoch(3)
+    full = list(s)
+    for k in (0, 1, 7, len(full)):
+        s.set_epoch(3, start_batch=k)
+        assert list(s) == full[k:]
+    with pytest.raises(ValueError, match="start_batch"):
+        s.set_epoch(3, start_batch=len(full) + 1)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sampler_ranks_split_equally_and_cover_everything(world_size):
+    lengths = list(range(1000, 30_000, 700))
+    budget = 38_000  # 25 batches: not a multiple of 2 or 3
+    ref = data.LengthBucketSampler(lengths, budget)
+    num_batches = len(ref.batches)
+    assert num_batches % world_size != 0  # exercise the padding path
+    shares = []
+    for rank in range(world_size):
+        s = data.LengthBucketSampler(lengths, budget, seed=2, rank=rank, world_size=world_size)
+        s.set_epoch(4)
+        shares.append([tuple(i for _, i in b) for b in s])
+        assert len(shares[-1]) == len(s) == math.ceil(num_batches / world_size)
+    every = [b for share in shares for b in share]
+    assert sorted({i for b in every for i in b}) == list(range(len(lengths)))  # everything covered
+    # only the padding batches repeat
+    assert len(every) - len(set(every)) == len(every) - num_batches
+    # drop_last: disjoint shares, the tail left out
+    kept = []
+    for rank in range(world_size):
+        s = data.LengthBucketSampler(lengths, budget, seed=2, rank=rank, world_size=world_size, drop_last=True)
+        s.set_epoch(4)
+        kept += [tuple(i for _, i in b) for b in s]
+        assert len(s) == num_batches // world_size
+    assert len(kept) == len(set(kept)) == num_batches // world_size * world_size
+
+
+def test_collate_pads_with_zeros():
+    wav, lengths = data.collate([torch.ones(3), torch.full((5,), 2.0), torch.ones(1)])
+    assert wav.shape == (3, 5) and wav.dtype == torch.float32
+    assert lengths.tolist() == [3, 5, 1] and lengths.dtype == torch.long
+    assert wav[0].tolist() == [1, 1, 1, 0, 0] and wav[2].tolist() == [1, 0, 0, 0, 0]
+
+
+def test_loader_workers_see_the_epoch():
+    corpus = data.SyntheticSpeech(num_utterances=6, seed=0, min_seconds=0.5, max_seconds=1.0)
+    ds = data.AudioDataset(corpus, max_samples=6000, seed=1)
+    runs = []
+    for workers in (0, 1):
+        s = data.LengthBucketSampler(ds.lengths, max_batch_samples=13_000, seed=0)
+        loader = data.make_loader(ds, s, num_workers=workers)
+        s.set_epoch(2)
+        runs.append(list(loader))
+    assert len(runs[0]) == len(runs[1]) > 1
+    for (w0, l0), (w1, l1) in zip(*runs):
+        assert torch.equal(w0, w1) and torch.equal(l0, l1)
+    expect = torch.stack([ds[(2, i)] for _, i in next(iter(s))])  # epoch-2 crops, first batch
+    assert torch.equal(runs[0][0][0], expect)
+
+
+# ----------------------------------------------------------------------------
+# span masking
+
+
+def test_mask_fraction_static_overlapping():
+    rng = np.random.default_rng(0)
+    lengths, T = torch.full((8,), 400), 400
+    frac = np.mean([data.compute_mask_indices(lengths, T, 0.4, 10, require_same_masks=False, rng=rng).float().mean()
+                    for _ in range(40)])
+    # overlapping spans: with ~p*T/10 random starts, coverage is about 1 - exp(-p), below p
+    assert abs(frac - (1 - math.exp(-0.4))) < 0.03, frac
+
+
+@pytest.mark.parametrize("p", [0.4, 0.8])
+def test_mask_fraction_uniform_no_overlap(p):
+    rng = np.random.default_rng(1)
+    lengths, T = torch.full((8,), 500), 500
+    masks = [data.compute_mask_indices(lengths, T, p, 10, "uniform", no_overlap=True, min_space=1,
+                                       require_same_masks=False, rng=rng) for _ in range(20)]
+    frac = float(torch.stack(masks).float().mean())
+    assert abs(frac - p) < 0.03, frac
+    for m in masks:
+        for row in m:
+            assert all(n <= 20 for _, n in _runs(row))  # no span longer than 2 * mask_length
+
+
+@pytest.mark.parametrize("min_space", [1, 3])
+def test_mask_static_no_overlap_spans_and_gaps(min_space):
+    rng = np.random.default_rng(2)
+    lengths = torch.tensor([300, 250, 200])
+    for _ in range(10):
+        m = data.compute_mask_indices(lengths, 300, 0.5, 10, no_overlap=True, min_space=min_space,
+                                      require_same_masks=False, rng=rng)
+        for row in m:
+            runs = _runs(row)
+            assert len(runs) >= 2 and all(n == 10 for _, n in runs)  # whole, separate spans
+            gaps = [s2 - (s1 + n1) for (s1, n1), (s2, _) in zip(runs, runs[1:])]
+            assert all(g >= min_space for g in gaps)
+
+
+def test_mask_uniform_no_overlap_gaps():
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        m = data.compute_mask_indices(torch.tensor([400]), 400, 0.6, 10, "uniform", no_overlap=True, min_space=2,
+                                      rng=rng)
+        runs = _runs(m[0])
+        assert all(s2 - (s1 + n1) >= 2 for (s1, n1), (s2, _) in zip(runs, runs[1:]))
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(mask_type="uniform", no_overlap=True)])
+def test_mask_padding_and_same_count(mode):
+    rng = np.random.default_rng(4)
+    lengths = torch.tensor([0, 1, 7, 60, 300, 400])
+    for _ in range(10):
+        m = data.compute_mask_indices(lengths, 400, 0.8, 10, rng=rng, **mode)
+        assert m.shape == (6, 400) and m.dtype == torch.bool
+        for b, n in enumerate(lengths.tolist()):
+            assert not m[b, n:].any()  # padding never masked
+        counts = m.sum(1).tolist()
+        assert counts[0] == 0  # empty row
+        assert len(set(counts[1:])) == 1 and counts[1] >= 1  # require_same_masks over non-empty rows
+
+
+def test_mask_min_masks_on_short_utterances():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        # p * T / L = 0.05 * 15 / 10 < 1, so only min_masks=2 forces the spans
+        m = data.compute_mask_indices(torch.tensor([15, 12]), 15, 0.05, 10, require_same_masks=False, rng=rng)
+        # two distinct starts with static length 10: at least 11 masked frames (all if shorter)
+        assert m[0].sum() >= 11 and m[1].sum() >= 11
+        m = data.compute_mask_indices(torch.tensor([15]), 15, 0.05, 10, no_overlap=True, rng=rng)
+        assert len(_runs(m[0])) == 2  # second span shortened to fit, not dropped
+        m = data.compute_mask_indices(torch.tensor([5]), 5, 0.05, 10, rng=rng)
+        assert m[0].all()  # utterance shorter than a span: all of it masked
+
+
+def test_mask_misc():
+    lengths = torch.tensor([100, 80])
+    a = data.compute_mask_indices(lengths, 100, 0.8, rng=np.random.default_rng(9))
+    b = data.compute_mask_indices(lengths, 100, 0.8, rng=np.random.default_rng(9))
+    assert torch.equal(a, b)
+    assert not data.compute_mask_indices(lengths, 100, 0.0).any()
+    assert not data.compute_mask_indices(torch.zeros(3, dtype=torch.long), 5, 0.8).any()
+    with pytest.raises(ValueError, match="max_frames"):
+        data.compute_mask_indices(torch.tensor([101]), 100, 0.8)
+    with pytest.raises(ValueError, match="mask_type"):
+        data.compute_mask_indices(lengths, 100, 0.8, mask_type="normal")
+
+
+# ----------------------------------------------------------------------------
+# losses.py: hand-worked values, padding invariance, minima
+# ----------------------------------------------------------------------------
+
+def _t(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _pad(x, extra, value=7.0):
+    """Append `extra` padded frames filled with `value` to (B, T, D) or (B, T)."""
+    shape = list(x.shape)
+    shape[1] = extra
+    return torch.cat([x, torch.full(shape, value, dtype=x.dtype)], dim=1)
+
+
+# ----------------------------------------------------------------------------- valid_mask
+
+def test_valid_mask():
+    m = valid_mask(torch.tensor([2, 0, 3]), 3)
+    assert m.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+
+
+# ----------------------------------------------------------------------------- DistilHuBERT
+
+def test_distilhubert_hand_value():
+    # frame 0: |diff| = [1, 1] -> 1, cos = 0 -> log 2; frame 1: equal -> 0, cos = 1;
+    # frame 2 is padding with garbage and must not count.
+    pred = _t([[[1, 0], [0, 1], [100, -3]]])
+    tgt = _t([[[0, 1], [0, 1], [-5, 8]]])
+    lengths = torch.tensor([2])
+    total, parts = distilhubert_loss([pred], [tgt], lengths)
+    l1 = (1 + 0) / 2
+    cos = (math.log(2) + math.log(1 + math.exp(-1))) / 2  # -log sigmoid(x) = log(1 + e^-x)
+    assert math.isclose(parts["l1"].item(), l1, rel_tol=1e-6)
+    assert math.isclose(parts["cos"].item(), cos, rel_tol=1e-6)
+    assert math.isclose(total.item(), l1 + cos, rel_tol=1e-6)
+    # lambda weights the cosine term only
+    total2, _ = distilhubert_loss([pred], [tgt], lengths, cos_weight=0.5)
+    assert math.isclose(total2.item(), l1 + 0.5 * cos, rel_tol=1e-6)
+
+
+def test_distilhubert_layer_average_and_frame_pooling():
+    # B = 2 with lengths 1 and 2: N = 3 valid frames pooled over the batch.
+    # layer A: utt 0 frame 0 diff [2, 0] (cos 1: same direction), utt 1 frames exact.
+    pa = _t([[[3, 0], [9, 9]], [[0, 1], [1, 0]]])
+    ta = _t([[[1, 0], [0, 0]], [[0, 1], [1, 0]]])
+    # layer B: prediction = target everywhere
+    pb = _t([[[1, 2], [3, 4]], [[5, 6], [7, 8]]])
+    lengths = torch.tensor([1, 2])
+    total, parts = distilhubert_loss([pa, pb], [ta, pb.clone()], lengths)
+    cos1 = math.log(1 + math.exp(-1))  # all valid cosines are 1
+    l1_a = (1.0 + 0 + 0) / 3  # mean over d of [2, 0] is 1
+    assert math.isclose(parts["l1"].item(), (l1_a + 0) / 2, rel_tol=1e-6)
+    assert math.isclose(parts["cos"].item(), cos1, rel_tol=1e-6)
+    assert math.isclose(total.item(), l1_a / 2 + cos1, rel_tol=1e-6)
+
+
+def test_distilhubert_minimum_and_padding_invariance():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3)
+    lengths = torch.tensor([4, 2])
+    total, parts = distilhubert_loss([x], [x.clone()], lengths)
+    assert parts["l1"].item() < 1e-7
+    assert math.isclose(total.item(), math.log(1 + math.exp(-1)), rel_tol=1e-5)  # cos = 1
+    y = torch.randn(2, 4, 3)
+    ref, _ = distilhubert_loss([x], [y], lengths)
+    x2, y2 = x.clone(), y.clone()
+    x2[1, 2:] = 50.0
+    y2[1, 2:] = -3.0
+    out, _ = distilhubert_loss([x2], [y2], lengths)
+    out_long, _ = distilhubert_loss([_pad(x, 3)], [_pad(y, 3, -1.0)], lengths)
+    assert torch.allclose(ref, out) and torch.allclose(ref, out_long)
+
+
+def test_distilhubert_grad_and_gendistiller_same():
+    torch.manual_seed(1)
+    p = torch.randn(2, 3, 4, requires_grad=True)
+    t = torch.randn(2, 3, 4)
+    lengths = torch.tensor([3, 1])
+    total, parts = distilhubert_loss([p], [t], lengths)
+    total.backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert (p.grad[1, 1:] == 0).all()  # padded frames get no gradient
+    assert not parts["l1"].requires_grad
+    g_total, g_parts = gendistiller_loss([p], [t], lengths, cos_weight=0.3)
+    d_total, d_parts = distilhubert_loss([p], [t], lengths, cos_weight=0.3)
+    assert torch.equal(g_total, d_total) and g_parts.keys() == d_parts.keys()
+    g_total.backward()
+
+
+# ----------------------------------------------------------------------------- ARMHuBERT
+
+def _md_example():
+    pred = _t([[[0, 0], [0, 0], [0, 0]]])
+    clean = _t([[[2, 0], [3, 3], [8, 8]]])  # frame 0 masked -> uses [2, 0]: e = 4/2 = 2
+    masked = _t([[[9, 9], [1, 1], [8, 8]]])  # frame 1 unmasked -> uses [1, 1]: e = 1
+    mask = torch.tensor([[True, False, True]])  # frame 2 is padding
+    return pred, clean, masked, mask, torch.tensor([2])
+
+
+def test_masking_distillation_hand_value():
+    pred, clean, masked, mask, lengths = _md_example()
+    total, parts = masking_distillation_loss([pred], [clean], [masked], mask, lengths)
+    # one layer = the last layer, weight 1.0; N = 2 valid frames
+    assert math.isclose(total.item(), (2 + 1) / 2, rel_tol=1e-6)
+    assert math.isclose(parts["masked"].item(), 2 / 2, rel_tol=1e-6)
+    assert math.isclose(parts["unmasked"].item(), 1 / 2, rel_tol=1e-6)
+
+
+def test_masking_distillation_layer_weights():
+    pred, clean, masked, mask, lengths = _md_example()
+    total, parts = masking_distillation_loss([pred] * 3, [clean] * 3, [masked] * 3, mask, lengths)
+    assert math.isclose(total.item(), (0.1 + 0.1 + 1.0) * 1.5, rel_tol=1e-6)
+    assert math.isclose((parts["masked"] + parts["unmasked"]).item(), total.item(), rel_tol=1e-6)
+    total, _ = masking_distillation_loss([pred] * 2, [clean] * 2, [masked] * 2, mask, lengths,
+                                         layer_weights=[2.0, 0.0])
+    assert math.isclose(total.item(), 2.0 * 1.5, rel_tol=1e-6)
+
+
+def test_masking_distillation_picks_the_right_target():
+    torch.manual_seed(2)
+    p = torch.randn(2, 4, 3)
+    mask = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    lengths = torch.tensor([4, 3])
+    m = mask[:, :, None]
+    clean = torch.where(m, p, p + 1)  # right only on masked frames
+    masked = torch.where(m, p + 1, p)  # right only on unmasked frames
+    total, _ = masking_distillation_loss([p], [clean], [masked], mask, lengths)
+    assert total.item() < 1e-10
+    swapped, _ = masking_distillation_loss([p], [masked], [clean], mask, lengths)
+    assert math.isclose(swapped.item(), 1.0, rel_tol=1e-6)  # every valid frame off by 1
+
+
+def test_masking_distillation_padding_invariance_and_grad():
+    torch.manual_seed(3)
+    p = torch.randn(2, 4, 3, requires_grad=True)
+    c, m_t = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    mask = torch.tensor([[True, False, True, True], [False, True, False, True]])
+    lengths = torch.tensor([4, 2])
+    ref, ref_parts = masking_distillation_loss([p], [c], [m_t], mask, lengths)
+    c2, m2, mask2 = c.clone(), m_t.clone(), mask.clone()
+    c2[1, 2:], m2[1, 2:], mask2[1, 2:] = 30.0, -30.0, ~mask[1, 2:]
+    out, _ = masking_distillation_loss([p], [c2], [m2], mask2, lengths)
+    out_long, _ = masking_distillation_loss([_pad(p.detach(), 2)], [_pad(c, 2)], [_pad(m_t, 2)],
+                                            _pad(mask, 2, True), lengths)
+    assert torch.allclose(ref, out) and torch.allclose(ref, out_long)
+    ref.backward()
+    assert torch.isfinite(p.grad).all() and (p.grad[1, 2:] == 0).all()
+    assert p.grad[0].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- CoLLD
+
+def test_colld_hand_value():
+    # anchor frame 0: z = [1, 0]; positive [1, 0] (cos 1); the only other valid frame [0, 1]
+    # (cos 0) is the one negative even though K = 100; frame 2 is padding.
+    pred = _t([[[1, 0], [5, 5], [1, 0]]])
+    tgt = _t([[[1, 0], [0, 1], [1, 0]]])
+    mask = torch.tensor([[True, False, True]])
+    lengths = torch.tensor([2])
+    for tau in (1.0, 0.1):
+        total, parts = colld_loss([pred], [tgt], mask, lengths, temperature=tau, generator=_gen())
+        expected = math.log(1 + math.exp(-1 / tau))  # -log e^{1/tau} / (e^{1/tau} + e^0)
+        # note: float32 log-softmax near 0 is accurate to ~1e-7 absolute, not relative
+        assert math.isclose(total.item(), expected, rel_tol=1e-5, abs_tol=1e-6)
+        assert math.isclose(parts["nce"].item(), expected, rel_tol=1e-5, abs_tol=1e-6)
+        assert parts["_acc"].item() == 1.0 and "l1" not in parts
+
+
+def test_colld_fewer_frames_than_k_and_k_smaller():
+    # 3 valid frames, anchor 0 with z = positive = [1, 0]; both other frames have cos 0,
+    # so the loss only depends on how many negatives are used: log(1 + K_a / e) at tau 1.
+    pred = _t([[[1, 0], [0, 1], [0, -1], [0, 0]]])
+    tgt = _t([[[1, 0], [0, 1], [0, -1], [3, 3]]])
+    mask = torch.tensor([[True, False, False, True]])
+    lengths = torch.tensor([3])
+    for k, k_a in ((100, 2), (2, 2), (1, 1)):
+        total, _ = colld_loss([pred], [tgt], mask, lengths, num_negatives=k, temperature=1.0,
+                              generator=_gen())
+        assert math.isclose(total.item(), math.log(1 + k_a * math.exp(-1)), rel_tol=1e-5)
+
+
+def test_colld_two_layers_include_unmasked_and_l1():
+    # utterance 0 (2 valid frames): orthogonal one-hot targets, pred = target.
+    # layer 1 exact; layer 2 has pred frame 1 = [0, 2] (cos still 1, L1 = 0.5 on that frame).
+    tgt = _t([[[1, 0], [0, 1]]])
+    p2 = _t([[[1, 0], [0, 2]]])
+    mask = torch.tensor([[True, False]])
+    lengths = torch.tensor([2])
+    tau = 0.5
+    nce = math.log(1 + math.exp(-1 / tau))
+    total, parts = colld_loss([tgt.clone(), p2], [tgt, tgt], mask, lengths, temperature=tau,
+                              include_unmasked=True, l1_weight=0.5, generator=_gen())
+    l1 = (0 + 0.5 / 2) / 2  # layer 2: frames 0 and 1 -> L1 (0 + 0.5) / 2; layer mean
+    assert math.isclose(parts["nce"].item(), nce, rel_tol=1e-5)
+    assert math.isclose(parts["l1"].item(), l1, rel_tol=1e-5)
+    assert math.isclose(total.item(), nce + 0.5 * l1, rel_tol=1e-5)
+
+
+def test_colld_near_zero_when_student_copies_teacher():
+    tgt = torch.eye(6)[None].repeat(2, 1, 1)  # (2, 6, 6) distinct orthogonal frames
+    mask = torch.tensor([[True, False, True, True, False, True]] * 2)
+    total, parts = colld_loss([tgt.clone()], [tgt], mask, torch.tensor([6, 4]), num_negatives=3,
+                              temperature=0.05, generator=_gen())
+    assert total.item() < 1e-6 and parts["_acc"].item() == 1.0
+
+
+def test_colld_padding_invariance_fixed_generator():
+    torch.manual_seed(4)
+    p, t = torch.randn(2, 6, 3), torch.randn(2, 6, 3)
+    mask = torch.tensor([[True, True, False, True, False, True], [False, True, True, False, True, True]])
+    lengths = torch.tensor([6, 4])
+    ref, ref_parts = colld_loss([p], [t], mask, lengths, num_negatives=2, generator=_gen(5))
+    # the draw matters (K = 2 < other frames): another seed gives another value
+    other, _ = colld_loss([p], [t], mask, lengths, num_negatives=2, generator=_gen(6))
+    assert not torch.allclose(ref, other)
+    p2, t2, mask2 = p.clone(), t.clone(), mask.clone()
+    p2[1, 4:], t2[1, 4:], mask2[1, 4:] = 40.0, -2.0, ~mask[1, 4:]
+    out, _ = colld_loss([p2], [t2], mask2, lengths, num_negatives=2, generator=_gen(5))
+    out_long, _ = colld_loss([_pad(p, 3)], [_pad(t, 3, 1.0)], _pad(mask, 3, True), lengths,
+                             num_negatives=2, generator=_gen(5))
+    assert torch.allclose(ref, out) and torch.allclose(ref, out_long)
+    # with l1 and unmasked anchors too
+    a, _ = colld_loss([p], [t], mask, lengths, include_unmasked=True, l1_weight=1.0, generator=_gen(1))
+    b, _ = colld_loss([_pad(p2, 2)], [_pad(t2, 2)], _pad(mask2, 2, True), lengths,
+                      include_unmasked=True, l1_weight=1.0, generator=_gen(1))
+    assert torch.allclose(a, b)
+
+
+def test_colld_negative_sampling_is_valid_and_distinct():
+    lengths = torch.tensor([7, 3])
+    anchor_b = torch.tensor([0, 0, 1, 1, 1])
+    anchor_t = torch.tensor([0, 6, 0, 1, 2])
+    idx, ok = losses._sample_negatives(anchor_b, anchor_t, lengths, 7, 4, _gen())
+    assert idx.shape == ok.shape == (5, 4)
+    for a in range(5):
+        picked = idx[a][ok[a]].tolist()
+        n_other = int(lengths[anchor_b[a]]) - 1
+        assert len(picked) == min(4, n_other) and len(set(picked)) == len(picked)
+        assert all(j != anchor_t[a] and j < lengths[anchor_b[a]] for j in picked)
+
+
+def test_colld_empty_mask_and_grad():
+    torch.manual_seed(5)
+    p = torch.randn(2, 4, 3, requires_grad=True)
+    t = torch.randn(2, 4, 3)
+    lengths = torch.tensor([4, 2])
+    empty = torch.zeros(2, 4, dtype=torch.bool)
+    empty[1, 3] = True  # a masked padded frame is not an anchor
+    total, parts = colld_loss([p], [t], empty, lengths, generator=_gen())
+    assert torch.isfinite(total) and total.item() == 0.0 and parts["nce"].item() == 0.0
+    total.backward()
+    assert p.grad is not None and (p.grad == 0).all()
+    p.grad = None
+    mask = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    total, _ = colld_loss([p, p * 2], [t, t], mask, lengths, num_negatives=2, generator=_gen())
+    total.backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert (p.grad[1, 2:] == 0).all()  # padded frames get no gradient
+    # a one-frame utterance: no negatives at all, positive alone -> loss 0, finite grads
+    q = torch.randn(1, 1, 3, requires_grad=True)
+    total, _ = colld_loss([q], [torch.randn(1, 1, 3)], torch.tensor([[True]]), torch.tensor([1]),
+                          generator=_gen())
+    total.backward()
+    assert total.item() == 0.0 and torch.isfinite(q.grad).all()
+
+
+# ----------------------------------------------------------------------------
+# model.py: teachers, students, reuse, generator, counts
+# ----------------------------------------------------------------------------
+
+_MT_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _mt_small_conv(dim, width=16):
+    """ARMHuBERT's conv layout (1x1 convs included) at a tiny width: stride 320, field 400."""
+    return [(8, 10, 5), (width, 1, 1)] + [(width, 3, 2)] * 4 + [(dim, 1, 1)] + [(dim, 2, 2)] * 2
+
+
+def _mt_cfg(preset, teacher, **overrides):
+    """A preset shrunk to a few thousand parameters, dropouts off, fitted to `teacher`."""
+    cfg = PRESETS[preset]
+    if not cfg.init_from_teacher:  # teacher-initialised presets take the (tiny) teacher's geometry
+        cfg = replace(cfg, conv_layers=_mt_small_conv(32), dim=32, ffn_dim=64, num_heads=4,
+                      num_layers=4, pos_conv_kernel=16, pos_conv_groups=4)
+    cfg = replace(cfg, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, input_dropout=0.0)
+    cfg = replace(cfg, **overrides)
+    cfg, _ = fit_to_teacher(cfg, teacher)
+    return cfg
+
+
+def _mt_student(cfg, seed=0):
+    torch.manual_seed(seed)
+    return Student(cfg).eval()
+
+
+def _mt_wav(lengths, seed=0, garbage=True):
+    """A padded batch (B, S) of random audio; padded samples hold noise too when `garbage`."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths, dtype=torch.long)
+    wav = 0.1 * torch.randn(len(lengths), int(lengths.max()), generator=g)  # (B, S)
+    if not garbage:
+        wav = wav * (~model.padding_mask(lengths, wav.shape[1])).float()
+    return wav, lengths
+
+
+def _mt_close(a, b, atol=1e-5):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a - b).abs().max().item()
+    assert err <= atol, f"max abs difference {err} > {atol}"
+
+
+# a HuBERT-Base-shaped ("group_norm" conv, post-LN) torchaudio config at a tiny width
+_MT_GN_CFG = dict(
+    extractor_mode="group_norm", extractor_conv_layer_config=[(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2,
+    extractor_conv_bias=False, encoder_embed_dim=16, encoder_projection_dropout=0.0,
+    encoder_pos_conv_kernel=8, encoder_pos_conv_groups=2, encoder_num_layers=3, encoder_num_heads=2,
+    encoder_attention_dropout=0.0, encoder_ff_interm_features=32, encoder_ff_interm_dropout=0.0,
+    encoder_dropout=0.0, encoder_layer_norm_first=False, encoder_layer_drop=0.0, aux_num_out=None)
+_MT_WAVLM_CFG = dict(_MT_GN_CFG, extractor_mode="layer_norm", encoder_num_layers=2,
+                     encoder_num_buckets=16, encoder_max_distance=40)
+del _MT_WAVLM_CFG["aux_num_out"]
+
+
+def _mt_wavlm(seed=0):
+    torch.manual_seed(seed)
+    m = torchaudio.models.wavlm_model(**_MT_WAVLM_CFG, aux_num_out=None).eval()
+    with torch.no_grad():  # torchaudio inits the gate constants to 1 and rel. bias small: perturb
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+@pytest.fixture(autouse=True)
+def _mt_one_thread():
+    # subtle: on a small, busy machine two intra-op threads spin-wait on each other and tiny
+    # models run many times slower; the tests' tensors are far too small to gain from threads
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mt_tiny():
+    return model.load_teacher("tiny")
+
+
+# ----------------------------------------------------------------------------- frame count
+
+def test_model_frame_count_formula_and_real_convs(mt_tiny):
+    small = Student(replace(PRESETS["armhubert"], conv_layers=_mt_small_conv(8), dim=8, ffn_dim=8,
+                            num_heads=2, num_layers=1, pos_conv_kernel=4, pos_conv_groups=1,
+                            teacher_dim=8, target_layers=(1,))).eval()
+    gn = Student(replace(PRESETS["distilhubert"], conv_layers=[(4, 10, 5)] + [(4, 3, 2)] * 4 + [(4, 2, 2)] * 2,
+                         dim=8, ffn_dim=8, num_heads=2, pos_conv_kernel=4, pos_conv_groups=1,
+                         teacher_dim=8)).eval()
+    for L in [0, 399, 400, 401, 719, 720, 1039, 1040, 16000, 16399]:
+        want = (L - 400) // 320 + 1 if L >= 400 else 0
+        assert data.frame_count(L) == want, L
+        for conv in (model.HUBERT_CONV, model.armhubert_conv(480), _mt_small_conv(8), mt_tiny.conv_layers):
+            assert model.conv_output_lengths(L, conv) == want, (L, conv)
+        assert model.conv_output_lengths(torch.tensor([L]), model.HUBERT_CONV).tolist() == [want]
+        if L >= 400:  # real convolutions: the tensor length and the returned frame_lengths
+            wav = torch.randn(1, L)
+            with torch.no_grad():
+                for net in (small, gn, mt_tiny):
+                    feats, fl = net.cnn_features(wav, torch.tensor([L]))
+                    assert feats.shape[1] == want and fl.tolist() == [want], (L, type(net).__name__)
+
+
+# ----------------------------------------------------------------------------- teacher
+
+def test_model_tiny_teacher_matches_torchaudio_layer_index(mt_tiny):
+    wav, lengths = _mt_wav([6000, 6000], seed=1)
+    layers, fl = mt_tiny(wav, lengths)
+    ref, ref_len = mt_tiny.model.extract_features(wav, lengths)
+    assert len(layers) == len(ref) == 12 and fl.tolist() == ref_len.tolist() == [data.frame_count(6000)] * 2
+    for ours, theirs in zip(layers, ref):
+        _mt_close(ours, theirs)
+    # layer k = output of block k: torchaudio's extract_features(num_layers=k)[-1]
+    for k in (1, 5, 12):
+        _mt_close(layers[k - 1], mt_tiny.model.extract_features(wav, lengths, num_layers=k)[0][-1])
+    assert not torch.allclose(layers[0], layers[1])
+
+
+def test_model_group_norm_teacher_matches_torchaudio():
+    torch.manual_seed(3)
+    ta = torchaudio.models.wav2vec2_model(**_MT_GN_CFG).eval()
+    with pytest.warns(UserWarning, match="mask embedding"):
+        teacher = model.teacher_from_checkpoint({"config": _MT_GN_CFG, "state_dict": ta.state_dict()})
+    wav, lengths = _mt_wav([5000, 5000, 5000], seed=2)
+    layers, _ = teacher(wav, lengths)
+    ref, _ = ta.extract_features(wav, lengths)
+    assert len(layers) == 3
+    for ours, theirs in zip(layers, ref):
+        _mt_close(ours, theirs)
+    assert torch.equal(teacher.mask_emb, torch.zeros(16))
+
+
+def test_model_wavlm_teacher_matches_torchaudio():
+    ta = _mt_wavlm(seed=4)
+    with pytest.warns(UserWarning, match="mask embedding"):
+        teacher = model.teacher_from_checkpoint({"config": _MT_WAVLM_CFG, "state_dict": ta.state_dict()})
+    assert teacher.is_wavlm
+    wav, lengths = _mt_wav([5000, 5000], seed=3)
+    layers, _ = teacher(wav, lengths)
+    ref, _ = ta.extract_features(wav)  # torchaudio's WavLM fails with lengths: compare unpadded
+    for ours, theirs in zip(layers, ref):
+        _mt_close(ours, theirs)
+
+
+@pytest.mark.parametrize("which", ["tiny", "group_norm", "wavlm"])
+def test_model_teacher_padded_batch_equals_single_runs(which, mt_tiny):
+    if which == "tiny":
+        teacher = mt_tiny
+    else:
+        ta = _mt_wavlm(5) if which == "wavlm" else torchaudio.models.wav2vec2_model(**_MT_GN_CFG)
+        cfg = _MT_WAVLM_CFG if which == "wavlm" else _MT_GN_CFG
+        with pytest.warns(UserWarning):
+            teacher = model.teacher_from_checkpoint({"config": cfg, "state_dict": ta.state_dict()})
+    wav, lengths = _mt_wav([5200, 3000, 1500], seed=5)
+    layers, fl = teacher(wav, lengths)
+    for b, L in enumerate(lengths.tolist()):
+        single, sfl = teacher(wav[b : b + 1, :L], lengths[b : b + 1])
+        T = int(sfl[0])
+        assert int(fl[b]) == T
+        for k in range(len(layers)):
+            _mt_close(layers[k][b, :T], single[k][0], atol=1e-4)
+
+
+def test_model_teacher_mask_uses_mask_emb(mt_tiny):
+    wav, lengths = _mt_wav([4000, 4000], seed=6)
+    T = data.frame_count(4000)
+    plain, _ = mt_tiny(wav, lengths)
+    none_masked, _ = mt_tiny(wav, lengths, mask=torch.zeros(2, T, dtype=torch.bool))
+    for a, b in zip(plain, none_masked):
+        assert torch.equal(a, b)
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    mask[0, 2:6] = True
+    mask[1, 5:7] = True
+    ours, _ = mt_tiny(wav, lengths, mask=mask)
+    assert not torch.allclose(ours[-1], plain[-1])
+
+    # reference: torchaudio's own forward with the projected features of masked frames replaced
+    def replace_frames(module, inputs, output):
+        return torch.where(mask[..., None], mt_tiny.mask_emb, output)
+
+    handle = mt_tiny.model.encoder.feature_projection.register_forward_hook(replace_frames)
+    try:
+        with torch.no_grad():
+            ref, _ = mt_tiny.model.extract_features(wav, lengths)
+    finally:
+        handle.remove()
+    for a, b in zip(ours, ref):
+        _mt_close(a, b)
+    # the mask embedding matters only where the mask is on
+    saved = mt_tiny.mask_emb.clone()
+    try:
+        mt_tiny.mask_emb.add_(1.0)
+        changed, _ = mt_tiny(wav, lengths, mask=mask)
+        unmasked_again, _ = mt_tiny(wav, lengths, mask=torch.zeros_like(mask))
+    finally:
+        mt_tiny.mask_emb.copy_(saved)
+    assert not torch.allclose(changed[0], ours[0])
+    assert torch.equal(unmasked_again[0], plain[0])
+
+
+def test_model_teacher_is_frozen(mt_tiny):
+    assert mt_tiny.mask_emb.shape == (48,)
+    assert not any(p.requires_grad for p in mt_tiny.parameters())
+    mt_tiny.train()
+    assert not mt_tiny.training and not any(m.training for m in mt_tiny.modules())
+    wav, lengths = _mt_wav([2000], seed=7)
+    wav.requires_grad_(True)
+    layers, _ = mt_tiny(wav, lengths)
+    assert not layers[-1].requires_grad  # run under no_grad
+    a, _ = mt_tiny(wav, lengths)
+    assert torch.equal(a[-1], layers[-1])  # deterministic: no dropout after .train()
+
+
+# ----------------------------------------------------------------------------- fairseq / s3prl files
+
+def _mt_to_fairseq(state, num_layers, wavlm=False):
+    """torchaudio key -> fairseq key, written out independently of model.FAIRSEQ_TO_TORCHAUDIO."""
+    out = {}
+    for k, v in state.items():
+        m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.conv\.weight", k)
+        if m:
+            out[f"feature_extractor.conv_layers.{m[1]}.0.weight"] = v
+            continue
+        m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)", k)
+        if m:  # fairseq: GroupNorm is module 2 of the block; a layer_norm-mode block wraps it as 2.1
+            sub = "2.1" if wavlm else "2"
+            out[f"feature_extractor.conv_layers.{m[1]}.{sub}.{m[2]}"] = v
+            continue
+        fixed = {
+            "encoder.feature_projection.layer_norm.weight": "layer_norm.weight",
+            "encoder.feature_projection.layer_norm.bias": "layer_norm.bias",
+            "encoder.feature_projection.projection.weight": "post_extract_proj.weight",
+            "encoder.feature_projection.projection.bias": "post_extract_proj.bias",
+            "encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original0": "encoder.pos_conv.0.weight_g",
+            "encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original1": "encoder.pos_conv.0.weight_v",
+            "encoder.transformer.pos_conv_embed.conv.bias": "encoder.pos_conv.0.bias",
+            "encoder.transformer.layer_norm.weight": "encoder.layer_norm.weight",
+            "encoder.transformer.layer_norm.bias": "encoder.layer_norm.bias",
+        }
+        if k in fixed:
+            out[fixed[k]] = v
+            continue
+        m = re.fullmatch(r"encoder\.transformer\.layers\.(\d+)\.(.+)", k)
+        assert m, k
+        i, rest = m[1], m[2]
+        f = f"encoder.layers.{i}."
+        names = {
+            "layer_norm.weight": "self_attn_layer_norm.weight", "layer_norm.bias": "self_attn_layer_norm.bias",
+            "feed_forward.intermediate_dense.weight": "fc1.weight", "feed_forward.intermediate_dense.bias": "fc1.bias",
+            "feed_forward.output_dense.weight": "fc2.weight", "feed_forward.output_dense.bias": "fc2.bias",
+            "final_layer_norm.weight": "final_layer_norm.weight", "final_layer_norm.bias": "final_layer_norm.bias",
+            "attention.rel_attn_embed.weight": "self_attn.relative_attention_bias.weight",
+            "attention.gru_rel_pos_linear.weight": "self_attn.grep_linear.weight",
+            "attention.gru_rel_pos_linear.bias": "self_attn.grep_linear.bias",
+            "attention.gru_rel_pos_const": "self_attn.grep_a",
+            "attention.attention.out_proj.weight": "self_attn.out_proj.weight",
+            "attention.attention.out_proj.bias": "self_attn.out_proj.bias",
+        }
+        for n in ("q", "k", "v", "out"):
+            for p in ("weight", "bias"):
+                names[f"attention.{n}_proj.{p}"] = f"self_attn.{n}_proj.{p}"
+        if rest in names:
+            out[f + names[rest]] = v
+        elif rest in ("attention.attention.in_proj_weight", "attention.attention.in_proj_bias"):
+            p = rest.rsplit("_", 1)[1]
+            for n, part in zip("qkv", v.chunk(3, dim=0)):  # torchaudio's in_proj = [q; k; v]
+                out[f"{f}self_attn.{n}_proj.{p}"] = part.clone()
+        else:
+            raise AssertionError(f"test mapping misses {k}")
+    return out
+
+
+def _mt_s3prl_file(tmp_path, ta, cfg, wavlm=False, name="s3prl.pt", drop=None):
+    weights = _mt_to_fairseq(ta.state_dict(), cfg["encoder_num_layers"], wavlm)
+    D = cfg["encoder_embed_dim"]
+    mask_emb = torch.rand(D)
+    weights.update({"mask_emb": mask_emb, "final_proj.weight": torch.randn(4, D),
+                    "final_proj.bias": torch.randn(4), "label_embs_concat": torch.randn(6, 4)})
+    if drop:
+        del weights[drop]
+    model_cfg = {
+        "conv_feature_layers": "[(8,10,5)] + [(8,3,2)] * 4 + [(8,2,2)] * 2",  # fairseq's string form
+        "encoder_embed_dim": D, "encoder_layers": cfg["encoder_num_layers"],
+        "encoder_attention_heads": cfg["encoder_num_heads"], "encoder_ffn_embed_dim": cfg["encoder_ff_interm_features"],
+        "conv_pos": cfg["encoder_pos_conv_kernel"], "conv_pos_groups": cfg["encoder_pos_conv_groups"],
+        "layer_norm_first": False, "extractor_mode": "layer_norm" if wavlm else "default",
+    }
+    if wavlm:
+        model_cfg.update(relative_position_embedding=True, num_buckets=cfg["encoder_num_buckets"],
+                         max_distance=cfg["encoder_max_distance"])
+    path = str(tmp_path / name)
+    torch.save({"model_cfg": model_cfg, "task_cfg": {"normalize": False}, "model_weight": weights}, path)
+    return path, mask_emb
+
+
+def test_model_s3prl_hubert_file_round_trip(tmp_path):
+    torch.manual_seed(8)
+    ta = torchaudio.models.wav2vec2_model(**_MT_GN_CFG).eval()
+    path, mask_emb = _mt_s3prl_file(tmp_path, ta, _MT_GN_CFG)
+    teacher = model.load_teacher(path)
+    assert torch.equal(teacher.mask_emb, mask_emb)
+    assert not teacher.normalize_waveform and teacher.config["extractor_mode"] == "group_norm"
+    for k, v in ta.state_dict().items():
+        assert torch.equal(teacher.model.state_dict()[k], v), k
+    wav, lengths = _mt_wav([4000, 4000], seed=9)
+    ours, _ = teacher(wav, lengths)
+    ref, _ = ta.extract_features(wav, lengths)
+    for a, b in zip(ours, ref):
+        _mt_close(a, b)
+
+
+def test_model_s3prl_wavlm_file_round_trip(tmp_path):
+    ta = _mt_wavlm(seed=10)
+    path, mask_emb = _mt_s3prl_file(tmp_path, ta, _MT_WAVLM_CFG, wavlm=True)
+    teacher = model.load_teacher(path)
+    assert teacher.is_wavlm and torch.equal(teacher.mask_emb, mask_emb)
+    for k, v in ta.state_dict().items():
+        assert torch.equal(teacher.model.state_dict()[k], v), k
+    wav, lengths = _mt_wav([4000, 4000], seed=11)
+    ours, _ = teacher(wav, lengths)
+    ref, _ = ta.extract_features(wav)
+    for a, b in zip(ours, ref):
+        _mt_close(a, b)
+
+
+def test_model_teacher_file_errors(tmp_path):
+    torch.manual_seed(12)
+    ta = torchaudio.models.wav2vec2_model(**_MT_GN_CFG)
+    path, _ = _mt_s3prl_file(tmp_path, ta, _MT_GN_CFG, name="missing.pt", drop="encoder.layers.1.fc1.weight")
+    with pytest.raises(ValueError, match=re.escape("encoder.transformer.layers.1.feed_forward.intermediate_dense.weight")):
+        model.load_teacher(path)
+    odd = str(tmp_path / "odd.pt")
+    torch.save({"weights": torch.zeros(2)}, odd)
+    with pytest.raises(ValueError, match=re.escape(odd)):
+        model.load_teacher(odd)
+    junk = str(tmp_path / "junk.pt")
+    with open(junk, "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(ValueError, match=re.escape(junk)):
+        model.load_teacher(junk)
+    nowhere = str(tmp_path / "no" / "such.pt")
+    with pytest.raises(ValueError, match=re.escape(nowhere)):
+        model.load_teacher(nowhere)
+
+
+def test_model_bundle_path_without_download(monkeypatch):
+    torch.manual_seed(13)
+    state = torchaudio.models.hubert_base().state_dict()
+    bundle = torchaudio.pipelines.HUBERT_BASE
+    monkeypatch.setattr(bundle, "_get_state_dict", lambda dl_kwargs: state)
+    with pytest.warns(UserWarning, match="mask embedding"):
+        teacher = model.load_teacher("hubert_base")
+    assert teacher.dim == 768 and teacher.num_layers == 12 and not teacher.is_wavlm
+    assert torch.equal(teacher.mask_emb, torch.zeros(768))
+    for k, v in state.items():  # the bundle's weights, unchanged
+        assert torch.equal(teacher.model.state_dict()[k], v), k
+    assert teacher.model.encoder.transformer.layer_drop == 0.0 and not teacher.training
+    layers, fl = teacher(0.1 * torch.randn(1, 8000), torch.tensor([8000]))
+    assert len(layers) == 12 and layers[-1].shape == (1, 24, 768) and fl.tolist() == [24]
+
+
+# ----------------------------------------------------------------------------- attention-map reuse
+
+def _mt_record_attention(monkeypatch):
+    """Record (module, prev_attn, returned attn) of every SelfAttention call."""
+    calls = []
+    original = SelfAttention.forward
+
+    def recording(self, x, allowed, prev_attn=None, need_attn=False):
+        out, attn = original(self, x, allowed, prev_attn, need_attn)
+        calls.append(dict(module=self, x=x, allowed=allowed, prev=prev_attn, attn=attn, out=out))
+        return out, attn
+
+    monkeypatch.setattr(SelfAttention, "forward", recording)
+    return calls
+
+
+def test_model_reuse_layers_have_no_qk_and_reuse_the_previous_map(mt_tiny, monkeypatch):
+    cfg = _mt_cfg("armhubert", mt_tiny)
+    student = _mt_student(cfg)
+    for i, layer in enumerate(student.layers):
+        names = {n for n, _ in layer.named_parameters()}
+        has_qk = {"attention.q_proj.weight", "attention.k_proj.weight"} <= names
+        assert has_qk == (i % 2 == 0), i  # 0-based odd layers (paper's 2, 4, ...) reuse
+        assert "attention.v_proj.weight" in names and "attention.out_proj.weight" in names
+        assert {"fc1.weight", "layer_norm.weight", "final_layer_norm.weight"} <= names
+    calls = _mt_record_attention(monkeypatch)
+    wav, lengths = _mt_wav([4000, 2500], seed=14)
+    with torch.no_grad():
+        student.hidden_states(wav, lengths)
+    assert len(calls) == cfg.num_layers
+    B, H = 2, cfg.num_heads
+    for i in range(1, cfg.num_layers, 2):
+        computed, reused = calls[i - 1], calls[i]
+        assert computed["prev"] is None and computed["attn"] is not None
+        assert reused["prev"] is computed["attn"]  # exactly the previous layer's map object
+        attn = computed["attn"]  # (B, H, T, T), rows are probabilities over valid keys
+        T = attn.shape[-1]
+        assert attn.shape == (B, H, T, T)
+        _mt_close(attn.sum(-1), torch.ones(B, H, T))
+        # the reuse layer's output, written out: same sample b, same head h, no renormalisation
+        mod, x = reused["module"], reused["x"]
+        v = mod.v_proj(x).view(B, T, H, -1)  # (B, T, H, Dh)
+        heads = [torch.stack([attn[b, h] @ v[b, :, h] for h in range(H)], dim=1) for b in range(B)]  # (T, H, Dh)
+        manual = mod.out_proj(torch.stack(heads).reshape(B, T, -1))
+        _mt_close(reused["out"], manual)
+        # a permuted head order would give something else (the check above is not vacuous)
+        perm = torch.stack([torch.stack([attn[b, (h + 1) % H] @ v[b, :, h] for h in range(H)], 1) for b in range(B)])
+        assert not torch.allclose(mod.out_proj(perm.reshape(B, T, -1)), manual, atol=1e-4)
+    # the last layer is not followed by a reuse layer: it needs no map
+    assert calls[-1]["attn"] is None
+
+
+def test_model_reuse_depends_on_previous_qk_and_gradients_flow(mt_tiny):
+    student = _mt_student(_mt_cfg("armhubert", mt_tiny))
+    first, second = student.layers[0].attention, student.layers[1].attention
+    g = torch.Generator().manual_seed(15)
+    x0, x1 = torch.randn(2, 9, 32, generator=g), torch.randn(2, 9, 32, generator=g)
+    allowed = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    _, attn = first(x0, allowed, need_attn=True)
+    out, _ = second(x1, allowed, prev_attn=attn)  # x1 fixed: only the map links the two layers
+    out.square().sum().backward()
+    assert first.q_proj.weight.grad.abs().sum() > 0 and first.k_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        first.q_proj.weight.add_(0.5 * torch.randn(first.q_proj.weight.shape, generator=g))
+        _, attn2 = first(x0, allowed, need_attn=True)
+        out2, _ = second(x1, allowed, prev_attn=attn2)
+    assert not torch.allclose(out2, out, atol=1e-4)
+
+
+def test_model_official_reuse_applies_softmax_again(mt_tiny, monkeypatch):
+    paper = _mt_student(_mt_cfg("armhubert", mt_tiny))
+    official = Student(replace(paper.cfg, official_reuse=True)).eval()
+    official.load_state_dict(paper.state_dict())
+    wav, lengths = _mt_wav([3000, 3000], seed=16)
+    with torch.no_grad():
+        a, _ = paper.hidden_states(wav, lengths)
+        calls = _mt_record_attention(monkeypatch)
+        b, _ = official.hidden_states(wav, lengths)
+    assert torch.allclose(a[0], b[0], atol=1e-6)  # layer 1 computes its own map in both
+    assert not torch.allclose(a[1], b[1], atol=1e-3)  # layer 2 reuses: softmax(A) != A
+    mod, x, prev = calls[1]["module"], calls[1]["x"], calls[1]["prev"]
+    B, T, D = x.shape
+    H = mod.num_heads
+    v = mod.v_proj(x).view(B, T, H, -1).transpose(1, 2)  # (B, H, T, Dh)
+    manual = mod.out_proj((prev.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+    _mt_close(calls[1]["out"], manual)
+
+
+# ----------------------------------------------------------------------------- fast path == readable path
+
+@pytest.mark.parametrize("preset", ["maskhubert", "gendistiller", "armhubert", "distilhubert"])
+def test_model_fused_attention_equals_explicit(preset, mt_tiny):
+    cfg = _mt_cfg(preset, mt_tiny)
+    fused = _mt_student(replace(cfg, fused_attention=True))
+    explicit = Student(replace(cfg, fused_attention=False)).eval()
+    explicit.load_state_dict(fused.state_dict())
+    wav, lengths = _mt_wav([4200, 2000, 3300], seed=17)
+    with torch.no_grad():
+        a, fa = fused.hidden_states(wav, lengths)
+        b, fb = explicit.hidden_states(wav, lengths)
+    assert torch.equal(fa, fb)
+    for x, y in zip(a, b):
+        _mt_close(x, y)
+
+
+# ----------------------------------------------------------------------------- padding invariance
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_model_padded_batch_equals_single_runs(preset, mt_tiny):
+    cfg = _mt_cfg(preset, mt_tiny)
+    student = _mt_student(cfg)
+    wav, lengths = _mt_wav([5000, 3100, 1400], seed=18)  # padded tail holds noise, not zeros
+    with torch.no_grad():
+        batch, fl = student.hidden_states(wav, lengths)
+        preds, pfl = student(wav, lengths)
+        for b, L in enumerate(lengths.tolist()):
+            single, sfl = student.hidden_states(wav[b : b + 1, :L], lengths[b : b + 1])
+            spreds, _ = student(wav[b : b + 1, :L], lengths[b : b + 1])
+            T = data.frame_count(L)
+            assert int(fl[b]) == int(sfl[0]) == int(pfl[b]) == T
+            assert len(single) == len(batch)
+            for x, y in zip(batch, single):
+                _mt_close(x[b, :T], y[0], atol=1e-4)
+            for x, y in zip(preds, spreds):
+                _mt_close(x[b, :T], y[0], atol=1e-4)
+
+
+def test_model_padded_batch_with_mask_equals_single_runs(mt_tiny):
+    student = _mt_student(_mt_cfg("armhubert", mt_tiny))
+    wav, lengths = _mt_wav([5000, 2300], seed=19)
+    frames = data.frame_count(lengths)
+    mask = torch.zeros(2, int(frames.max()), dtype=torch.bool)
+    mask[0, 3:9] = True
+    mask[1, 1:4] = True
+    with torch.no_grad():
+        preds, _ = student(wav, lengths, mask=mask)
+        for b, L in enumerate(lengths.tolist()):
+            T = int(frames[b])
+            single, _ = student(wav[b : b + 1, :L], lengths[b : b + 1], mask=mask[b : b + 1, :T])
+            for x, y in zip(preds, single):
+                _mt_close(x[b, :T], y[0], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- GenDistiller
+
+def _mt_gen_cfgs(mt_tiny):
+    teacher_init = _mt_cfg("gendistiller", mt_tiny)  # 48-d generator, history enters unchanged
+    narrow = _mt_cfg("gendistiller", mt_tiny, init_from_teacher=False, conv_layers=_mt_small_conv(16),
+                     dim=32, ffn_dim=64, num_heads=4, pos_conv_kernel=16, pos_conv_groups=4)
+    return {"teacher_init": teacher_init, "narrow": narrow}
+
+
+@pytest.mark.parametrize("which", ["teacher_init", "narrow"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_model_generator_is_causal_over_slots(which, fused, mt_tiny):
+    cfg = replace(_mt_gen_cfgs(mt_tiny)[which], fused_attention=fused)
+    student = _mt_student(cfg)
+    assert (student.history_proj is None) == (which == "teacher_init")
+    K, D = len(cfg.target_layers), cfg.dim
+    g = torch.Generator().manual_seed(20)
+    T = 7
+    slots = [torch.randn(2, T, D, generator=g) for _ in range(K)]
+    pad = torch.zeros(2, T, dtype=torch.bool)
+    pad[1, 5:] = True
+    with torch.no_grad():
+        base = student.run_generator(slots, pad)
+        assert len(base) == K
+        for k in range(K):
+            changed = list(slots)
+            changed[k] = slots[k] + torch.randn(2, T, D, generator=g)
+            out = student.run_generator(changed, pad)
+            for j in range(k):
+                _mt_close(out[j], base[j], atol=1e-6)  # earlier slots never see slot k
+            assert not torch.allclose(out[k][0], base[k][0], atol=1e-3)
+        # bidirectional over time: the last valid frame of slot 0 changes the first frame's output
+        changed = [s.clone() for s in slots]
+        changed[0][0, T - 1] += 1.0
+        out = student.run_generator(changed, pad)
+        assert not torch.allclose(out[0][0, 0], base[0][0, 0], atol=1e-5)
+        # padded frames never influence valid ones
+        changed = [s.clone() for s in slots]
+        for s in changed:
+            s[1, 5:] = 100.0
+        out = student.run_generator(changed, pad)
+        for a, b in zip(out, base):
+            _mt_close(a[1, :5], b[1, :5])
+
+
+@pytest.mark.parametrize("which", ["teacher_init", "narrow"])
+def test_model_generator_free_running_equals_parallel_on_own_outputs(which, mt_tiny):
+    cfg = _mt_gen_cfgs(mt_tiny)[which]
+    student = _mt_student(cfg)
+    wav, lengths = _mt_wav([4000, 2600], seed=21)
+    with torch.no_grad():
+        x0, pad, _ = student.front_end(wav, lengths)
+        free = student.generate(x0, pad)
+        hs, _ = student.hidden_states(wav, lengths)
+        fwd, _ = student(wav, lengths)  # no history: free-running too
+        for a, b, c in zip(free, hs, fwd):
+            assert torch.equal(a, b) and torch.equal(a, c)
+        slots = [x0] + [student.embed_history(p) for p in free[:-1]]
+        parallel = [proj(o) for proj, o in zip(student.out_proj, student.run_generator(slots, pad))]
+        forced, _ = student(wav, lengths, history=free[:-1])  # teacher forcing with its own outputs
+    for a, b, c in zip(free, parallel, forced):
+        _mt_close(a, b)
+        _mt_close(a, c)
+
+
+def test_model_generator_teacher_forcing_uses_history(mt_tiny):
+    student = _mt_student(_mt_gen_cfgs(mt_tiny)["narrow"])
+    wav, lengths = _mt_wav([4000, 4000], seed=22)
+    with torch.no_grad():
+        layers, _ = mt_tiny(wav, lengths)
+        hist = [layers[k - 1] for k in student.cfg.target_layers[:-1]]
+        a, _ = student(wav, lengths, history=hist)
+        b, _ = student(wav, lengths, history=[hist[0], hist[1] + 1.0])  # change the last history
+        c, _ = student(wav, lengths, history=[hist[0] + 1.0, hist[1]])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # slots 0, 1 cannot see slot 2
+    assert not torch.allclose(a[2], b[2], atol=1e-4)
+    assert torch.equal(a[0], c[0]) and not torch.allclose(a[1], c[1], atol=1e-4)
+    with pytest.raises(ValueError, match="history"):
+        student(wav, lengths, history=hist[:1])
+
+
+# ----------------------------------------------------------------------------- sizes
+
+class _MtBase:  # a HuBERT Base-sized teacher description (as model.main builds it)
+    config = dict(torchaudio.pipelines.HUBERT_BASE._params)
+    dim, num_layers = 768, 12
+
+
+def test_model_parameter_counts_match_the_papers():
+    with torch.device("meta"):  # counting needs shapes only
+        counts = {name: model.build_student(name, _MtBase) for name in ("distilhubert", "armhubert", "armhubert-s", "maskhubert")}
+    n = {k: model.count_parameters(s) for k, s in counts.items()}
+    assert round(model.count_parameters(counts["distilhubert"], with_heads=False) / 1e6, 2) == 23.49
+    assert round(n["distilhubert"] / 1e6, 2) == 27.04
+    assert n["armhubert"] == 26_448_448
+    assert round(n["armhubert-s"] / 1e6, 2) == 22.39
+    assert round(n["maskhubert"] / 1e6, 2) == 26.64
+    # SPEC 2's hand-checked parts of armhubert
+    arm = counts["armhubert"]
+    part = lambda prefix: sum(p.numel() for name, p in arm.named_parameters() if name.startswith(prefix))  # noqa: E731
+    assert round(part("conv_layers.") / 1e6, 2) == 1.87 and round(part("pos_conv.") / 1e6, 2) == 1.84
+    assert round(part("heads.") / 1e6, 2) == 4.43
+    assert round(part("layers.0.") / 1e6, 2) == 1.76 and round(part("layers.1.") / 1e6, 2) == 1.29
+    assert arm.cfg.target_layers == tuple(range(1, 13)) and arm.cfg.teacher_dim == 768
+
+
+def test_model_main_prints_the_table():
+    proc = subprocess.run([sys.executable, "model.py"], cwd=_MT_DIR, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
+    for name, number in [("distilhubert", "23.49"), ("armhubert", "26.45"), ("armhubert-s", "22.39"),
+                         ("maskhubert", "26.64")]:
+        assert name in rows, proc.stdout
+        assert rows[name].split()[1] == number, rows[name]
+    for name in PRESETS:
+        assert name in rows
+
+
+# ----------------------------------------------------------------------------- init from teacher
+
+def test_model_init_from_teacher_reproduces_teacher_layers(mt_tiny):
+    student = model.build_student("distilhubert", mt_tiny)
+    copied = model.init_from_teacher(student, mt_tiny)
+    assert "layers.1.fc2.weight" in copied and "pos_conv.parametrizations.weight.original1" in copied
+    student.eval()
+    wav, lengths = _mt_wav([5000, 3000], seed=23, garbage=False)
+    with torch.no_grad():
+        hs, fl = student.hidden_states(wav, lengths)
+        layers, tfl = mt_tiny(wav, lengths)
+    assert torch.equal(fl, tfl) and len(hs) == 3
+    for k in (1, 2):  # hidden_states[k] = student layer k = teacher layer k
+        for b in range(2):
+            T = int(fl[b])
+            _mt_close(hs[k][b, :T], layers[k - 1][b, :T])
+
+
+def test_model_init_from_teacher_shape_mismatch_lists_tensors(mt_tiny):
+    cfg = replace(model.fit_to_teacher(PRESETS["distilhubert"], mt_tiny)[0], ffn_dim=50)
+    student = Student(cfg)
+    with pytest.raises(ValueError) as e:
+        model.init_from_teacher(student, mt_tiny)
+    msg = str(e.value)
+    for name in ("layers.0.fc1.weight", "layers.0.fc2.weight", "layers.1.fc1.bias"):
+        assert name in msg, msg
+    assert "(50, 48)" in msg and "(96, 48)" in msg
+
+
+# ----------------------------------------------------------------------------
+# distill.py: overfitting, resume, checkpoints, errors, DDP, kill
+# ----------------------------------------------------------------------------
+
+_DT_DIR = os.path.dirname(os.path.abspath(__file__))
+# A per-layer student (armhubert / maskhubert / colld presets) shrunk to a few thousand
+# parameters; the conv keeps ARMHuBERT's layout (stride 320, field 400, 1x1 convs).
+_DT_SMALL = ["--conv_layers=[(8,10,5),(16,1,1)]+[(16,3,2)]*4+[(32,1,1)]+[(32,2,2)]*2", "--dim=32",
+             "--ffn_dim=64", "--num_heads=4", "--num_layers=4", "--pos_conv_kernel=16", "--pos_conv_groups=4"]
+_DT_NO_DROPOUT = ["--dropout=0", "--attention_dropout=0", "--activation_dropout=0", "--input_dropout=0"]
+# a short synthetic run: 2-3 utterances of <= 1 s per batch
+_DT_RUN = ["--teacher", "tiny", "--data", "synthetic", "--batch_seconds", "2", "--max_seconds", "1",
+           "--log_every", "3"]
+_DT_COS_FLOOR = math.log1p(math.exp(-1.0))  # min of -log sigmoid(cos): cos = 1
+
+
+@pytest.fixture(autouse=True)
+def _dt_one_thread():
+    # subtle: on a small, busy machine two intra-op threads spin-wait on each other and tiny
+    # models run many times slower; bitwise comparisons with subprocesses also want one thread
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dt_tiny():
+    return model.load_teacher("tiny")
+
+
+def _dt_student_flags(method):
+    return _DT_SMALL if method in ("armhubert", "colld") else []  # the others copy the tiny teacher
+
+
+def _dt_batch(n=2, seconds=0.5, seed=0):
+    syn = data.SyntheticSpeech(num_utterances=n, seed=seed, min_seconds=seconds, max_seconds=seconds + 0.2)
+    return data.collate([syn[i] for i in range(n)])  # (B, S), (B,) of different lengths
+
+
+def _dt_ckpts(out):
+    return sorted(glob.glob(os.path.join(str(out), "ckpt-*.pt")))
+
+
+def _dt_load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _dt_assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def _dt_assert_same_tree(a, b, where="ckpt"):
+    """Exact equality of nested dicts/lists of tensors and numbers (optimizer states, RNG states)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _dt_assert_same_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _dt_assert_same_tree(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def _dt_message(excinfo):
+    e = excinfo.value
+    return str(e.code) if isinstance(e, SystemExit) else str(e)
+
+
+# ----------------------------------------------------------------------------- overfitting one batch
+
+@pytest.mark.parametrize("method,lr,steps", [("distilhubert", 3e-3, 80), ("gendistiller", 5e-3, 40),
+                                             ("armhubert", 3e-3, 40), ("colld", 3e-3, 40)])
+def test_distill_each_method_overfits_one_batch(method, lr, steps, dt_tiny):
+    args = distill.parse_args(["--method", method] + _DT_RUN + _dt_student_flags(method) + _DT_NO_DROPOUT)
+    torch.manual_seed(0)
+    student = distill.build_student_for(args, dt_tiny)
+    student.train()
+    opt = torch.optim.AdamW(distill.param_groups(student, args.weight_decay), lr=lr, betas=args.betas, eps=args.eps)
+    wav, lengths = _dt_batch()
+    history = []
+    for _ in range(steps):
+        # step=0 every time: the same mask / negatives, i.e. one fixed batch
+        loss, parts = distill.distillation_loss(args, dt_tiny, student, wav, lengths, step=0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append((loss.item(), {k: float(v) for k, v in parts.items()}))
+    (first, p0), (last, p1) = history[0], history[-1]
+    assert all(math.isfinite(h[0]) for h in history)
+    if method in ("distilhubert", "gendistiller"):
+        # L1 + cos term: the cos term cannot go below -log sigmoid(1)
+        assert last - _DT_COS_FLOOR < (first - _DT_COS_FLOOR) / 3, history[::10]
+        assert p1["l1"] < p0["l1"] / 3
+    elif method == "armhubert":
+        assert last < first / 3, history[::10]
+        assert p1["masked"] < p0["masked"] / 2 and p1["unmasked"] < p0["unmasked"] / 2
+    else:
+        frames = int(data.frame_count(lengths).min())
+        assert first > 0.8 * math.log(frames), "InfoNCE should start near chance, ~ln(K+1)"
+        assert last < first / 4, history[::10]
+        assert p1["_acc"] > 0.9
+
+
+# ----------------------------------------------------------------------------- resume exactness
+
+class _DtStop(Exception):
+    pass
+
+
+def _dt_run_interrupted(monkeypatch, argv, stop_at):
+    """distill.main(argv), stopped right after the checkpoint of step `stop_at` is written."""
+    original = distill.atomic_save
+
+    def save_then_stop(obj, path):
+        original(obj, path)
+        if path.endswith(f"ckpt-{stop_at:08d}.pt"):
+            raise _DtStop()
+
+    with monkeypatch.context() as m:
+        m.setattr(distill, "atomic_save", save_then_stop)
+        with pytest.raises(_DtStop):
+            distill.main(argv)
+
+
+def _dt_capture_students(monkeypatch):
+    made = []
+    original = distill.build_student_for
+
+    def capture(args, teacher):
+        student = original(args, teacher)
+        made.append(student)
+        return student
+
+    monkeypatch.setattr(distill, "build_student_for", capture)
+    return made
+
+
+@pytest.mark.parametrize("method,workers", [("armhubert", 0), ("gendistiller", 0), ("colld", 1)])
+def test_distill_resume_equals_straight_run(method, workers, tmp_path, monkeypatch, capsys):
+    # dropout on (the default): the resumed run must restore the RNG to match
+    argv = ["--method", method, "--max_steps", "6", "--save_every", "3", "--workers", str(workers),
+            "--keep", "5"] + _DT_RUN + _dt_student_flags(method)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    distill.main(argv + ["--out", a])
+    _dt_run_interrupted(monkeypatch, argv + ["--out", b], stop_at=3)
+    assert [os.path.basename(p) for p in _dt_ckpts(b)] == ["ckpt-00000003.pt"]
+    capsys.readouterr()
+    distill.main(argv + ["--out", b, "--resume", "auto"])
+    assert "resumed from" in capsys.readouterr().out
+    ca, cb = _dt_load(os.path.join(a, "ckpt-00000006.pt")), _dt_load(os.path.join(b, "ckpt-00000006.pt"))
+    assert ca["step"] == cb["step"] == 6
+    _dt_assert_same_state(ca["student"], cb["student"])
+    _dt_assert_same_tree(ca["optimizer"], cb["optimizer"], "optimizer")
+    _dt_assert_same_tree(ca["rng"], cb["rng"], "rng")
+    assert ca["epoch"] == cb["epoch"] and ca["position"] == cb["position"]
+
+
+def test_distill_checkpoint_round_trip(tmp_path, monkeypatch):
+    made = _dt_capture_students(monkeypatch)
+    out = str(tmp_path / "run")
+    distill.main(["--method", "armhubert", "--max_steps", "2", "--workers", "0", "--out", out] + _DT_RUN + _DT_SMALL)
+    trained = made[-1].eval()
+    path = os.path.join(out, "ckpt-00000002.pt")
+    ckpt = _dt_load(path)
+    for key in ("config", "student", "optimizer", "step", "rng", "epoch", "position", "method"):
+        assert key in ckpt, key
+    assert ckpt["step"] == 2 and ckpt["method"] == "armhubert"
+    assert ckpt["config"]["dim"] == 32 and ckpt["config"]["teacher_dim"] == 48
+    loaded = model.load_student(path)
+    assert not loaded.training and loaded.cfg == trained.cfg
+    _dt_assert_same_state(loaded.state_dict(), trained.state_dict())
+    wav, lengths = _dt_batch(3, 0.6, seed=1)
+    with torch.no_grad():
+        a, fa = loaded.hidden_states(wav, lengths)
+        b, fb = trained.hidden_states(wav, lengths)
+    assert torch.equal(fa, fb)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    torch.save({"student": {}}, str(tmp_path / "bad.pt"))
+    with pytest.raises(ValueError, match="not a distill.py checkpoint"):
+        model.load_student(str(tmp_path / "bad.pt"))
+
+
+# ----------------------------------------------------------------------------- errors at the boundaries
+
+def test_distill_bad_teacher_and_data_name_the_path(tmp_path):
+    missing = str(tmp_path / "nowhere" / "teacher.pt")
+    with pytest.raises((SystemExit, ValueError)) as e:
+        distill.main(["--method", "armhubert", "--teacher", missing, "--data", "synthetic",
+                      "--out", str(tmp_path / "o1")] + _DT_SMALL)
+    assert missing in _dt_message(e)
+    empty = tmp_path / "empty_corpus"
+    empty.mkdir()
+    with pytest.raises((SystemExit, ValueError)) as e:
+        distill.main(["--method", "armhubert", "--teacher", "tiny", "--data", str(empty), "--workers", "0",
+                      "--out", str(tmp_path / "o2")] + _DT_SMALL)
+    assert str(empty) in _dt_message(e)
+
+
+def test_distill_flag_errors():
+    base = ["--method", "armhubert", "--teacher", "tiny", "--data", "synthetic"]
+    with pytest.raises(SystemExit) as e:
+        distill.parse_args(base + ["--no_such_field=3"])
+    msg = _dt_message(e)
+    assert "no_such_field" in msg and "dim" in msg and "ffn_dim" in msg and "reuse" in msg
+    with pytest.raises(SystemExit) as e:
+        distill.parse_args(base + ["--dim=abc"])
+    assert "dim" in _dt_message(e) and "abc" in _dt_message(e)
+    with pytest.raises(SystemExit) as e:
+        distill.parse_args(base + ["--fused_attention=maybe"])
+    assert "fused_attention" in _dt_message(e)
+    with pytest.raises(SystemExit) as e:
+        distill.parse_args(base + ["--student", "nosuchpreset"])
+    assert "nosuchpreset" in _dt_message(e) and "armhubert" in _dt_message(e)
+    args = distill.parse_args(base + ["--dim=64", "--reuse=none", "--fused_attention=false", "--dropout=0.25",
+                                      "--conv_layers=[(64,400,320)]", "--target_layers=1,2"])
+    assert args.overrides == dict(dim=64, reuse="none", fused_attention=False, dropout=0.25,
+                                  conv_layers=[(64, 400, 320)], target_layers=(1, 2))
+
+
+@pytest.mark.parametrize("method", ["armhubert", "gendistiller", "distilhubert"])
+def test_distill_frame_mismatch_names_both_counts(method, dt_tiny):
+    # a stride-160 student (the last conv has stride 1) against the stride-320 teacher
+    if method == "armhubert":
+        conv = "[(8,10,5),(16,1,1)]+[(16,3,2)]*4+[(32,1,1)]+[(32,2,2),(32,2,1)]"
+    else:  # the tiny teacher's conv with the last stride changed (kernels fit, init copies them)
+        conv = "[(32,10,5)]+[(32,3,2)]*4+[(32,2,2),(32,2,1)]"
+    args = distill.parse_args(["--method", method] + _DT_RUN + _dt_student_flags(method) + [f"--conv_layers={conv}"])
+    student = distill.build_student_for(args, dt_tiny)
+    lengths = torch.tensor([16000, 12000])
+    wav = 0.1 * torch.randn(2, 16000)
+    teacher_frames = data.frame_count(lengths).tolist()
+    student_frames = model.conv_output_lengths(lengths, student.cfg.conv_layers).tolist()
+    assert teacher_frames != student_frames
+    with pytest.raises(RuntimeError) as e:
+        distill.distillation_loss(args, dt_tiny, student, wav, lengths, step=0)
+    assert str(teacher_frames) in str(e.value) and str(student_frames) in str(e.value)
+
+
+def test_distill_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
+    original = distill.distillation_loss
+
+    def nan_at_step_3(args, teacher, student, wav, lengths, step, rank=0):
+        loss, parts = original(args, teacher, student, wav, lengths, step, rank)
+        return (loss * float("nan"), parts) if step == 3 else (loss, parts)
+
+    monkeypatch.setattr(distill, "distillation_loss", nan_at_step_3)
+    out = str(tmp_path / "run")
+    argv = ["--method", "armhubert", "--max_steps", "6", "--save_every", "1", "--keep", "10", "--workers", "0",
+            "--out", out] + _DT_RUN + _DT_SMALL
+    with pytest.raises(SystemExit) as e:
+        distill.main(argv)
+    msg = _dt_message(e)
+    assert "step 3" in msg and "ckpt-00000003.pt" in msg
+    assert [os.path.basename(p) for p in _dt_ckpts(out)] == [f"ckpt-0000000{i}.pt" for i in (1, 2, 3)]
+    ckpt = _dt_load(os.path.join(out, "ckpt-00000003.pt"))
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["student"].values())
+    # with --skip_nonfinite the bad step is counted and skipped, the run finishes
+    capsys.readouterr()
+    distill.main(argv + ["--out", str(tmp_path / "skip"), "--skip_nonfinite"])  # the last --out wins
+    printed = capsys.readouterr().out
+    assert "1 skipped" in printed and "step 3" in printed
+    assert os.path.basename(_dt_ckpts(tmp_path / "skip")[-1]) == "ckpt-00000006.pt"
+
+
+def test_distill_unwritable_out_fails_before_training(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    out = str(blocker / "run")
+
+    def no_training(*a, **k):
+        raise AssertionError("training started before --out was checked")
+
+    monkeypatch.setattr(distill, "distillation_loss", no_training)
+    with pytest.raises(SystemExit) as e:
+        distill.main(["--method", "armhubert", "--workers", "0", "--out", out] + _DT_RUN + _DT_SMALL)
+    assert out in _dt_message(e) and "--out" in _dt_message(e)
+
+
+# ----------------------------------------------------------------------------- DDP (gloo, 2 CPU processes)
+
+def _dt_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dt_one_step(args, teacher, wav, lengths, world=1, rank=0):
+    """Seeded student, one AdamW step on (wav, lengths); returns (grads, weights) of the raw student."""
+    torch.manual_seed(0)
+    student = distill.build_student_for(args, teacher)
+    net = student
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(student)
+    net.train()
+    opt = torch.optim.AdamW(distill.param_groups(student, args.weight_decay), lr=args.lr, betas=args.betas,
+                            eps=args.eps)
+    loss, _ = distill.distillation_loss(args, teacher, net, wav, lengths, step=0, rank=rank)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip)
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    opt.step()
+    return grads, {k: v.clone() for k, v in student.state_dict().items()}
+
+
+def _dt_ddp_worker(rank, world, port, argv, wav, lengths, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        args = distill.parse_args(argv)
+        teacher = model.load_teacher("tiny")
+        b = wav.shape[0] // world  # rank r takes the r-th slice of the fixed batch
+        grads, state = _dt_one_step(args, teacher, wav[rank * b : (rank + 1) * b], lengths[rank * b : (rank + 1) * b],
+                                    world, rank)
+        if rank == 0:
+            torch.save({"grads": grads, "state": state}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distill_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path, dt_tiny):
+    argv = ["--method", "distilhubert"] + _DT_RUN + _DT_NO_DROPOUT
+    syn = data.SyntheticSpeech(num_utterances=4, seed=3)
+    wav = torch.stack([syn[i][:8000] for i in range(4)])  # (4, 8000): equal lengths, no padding
+    lengths = torch.full((4,), 8000, dtype=torch.long)
+    out = str(tmp_path / "ddp.pt")
+    # fork: the workers inherit this interpreter (no re-import of torch), and the closure-free worker
+    mp.start_processes(_dt_ddp_worker, args=(2, _dt_free_port(), argv, wav, lengths, out), nprocs=2,
+                       start_method="fork")
+    ddp = torch.load(out, weights_only=True)
+    grads, state = _dt_one_step(distill.parse_args(argv), dt_tiny, wav, lengths)
+    for k in grads:  # DDP averages the ranks' gradients = the gradient of the full-batch mean
+        assert torch.allclose(ddp["grads"][k], grads[k], atol=1e-6, rtol=1e-4), k
+    for k in state:
+        assert torch.allclose(ddp["state"][k], state[k], atol=1e-5, rtol=0), k
+
+
+_DT_TORCHRUN_STOP = """
+import sys
+sys.path.insert(0, {main_dir!r})
+import distill
+
+original = distill.lr_at
+
+
+def stop_at_step(step, args):  # called on every rank at the top of each step, after the save
+    if step == {stop}:
+        raise SystemExit(0)
+    return original(step, args)
+
+
+distill.lr_at = stop_at_step
+distill.main(sys.argv[1:])
+"""
+
+
+def _dt_torchrun(script, argv, env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--monitor-interval=0.1", script] + argv
+    proc = subprocess.run(cmd, cwd=_DT_DIR, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_distill_torchrun_two_ranks_resume_exactly(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    argv = ["--method", "armhubert", "--max_steps", "4", "--save_every", "2", "--workers", "0", "--keep", "5",
+            "--device", "cpu"] + _DT_RUN + _DT_SMALL
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    stop = str(tmp_path / "stop_after_2.py")
+    with open(stop, "w") as f:
+        f.write(_DT_TORCHRUN_STOP.format(main_dir=_DT_DIR, stop=2))
+    out = _dt_torchrun("distill.py", argv + ["--out", a], env)
+    assert "2 process(es)" in out
+    _dt_torchrun(stop, argv + ["--out", b], env)
+    assert [os.path.basename(p) for p in _dt_ckpts(b)] == ["ckpt-00000002.pt"]
+    out = _dt_torchrun("distill.py", argv + ["--out", b, "--resume", "auto"], env)
+    assert "resumed from" in out and "at step 2" in out
+    ca, cb = _dt_load(os.path.join(a, "ckpt-00000004.pt")), _dt_load(os.path.join(b, "ckpt-00000004.pt"))
+    assert len(ca["rng"]) == len(ca["position"]) == 2  # one RNG state and data position per rank
+    _dt_assert_same_state(ca["student"], cb["student"])
+    _dt_assert_same_tree(ca["optimizer"], cb["optimizer"], "optimizer")
+    _dt_assert_same_tree(ca["rng"], cb["rng"], "rng")
+
+
+# ----------------------------------------------------------------------------- SIGKILL at random moments
+
+def test_distill_sigkill_leaves_loadable_checkpoints_and_resumes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out = str(tmp_path / "run")
+    steps = 14
+    argv = ["--method", "armhubert", "--max_steps", str(steps), "--save_every", "1", "--keep", "2", "--workers", "0",
+            "--out", out] + _DT_RUN + _DT_SMALL
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(2):
+        proc = subprocess.Popen([sys.executable, "distill.py"] + argv + ["--resume", "auto"], cwd=_DT_DIR, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            before = len(_dt_ckpts(out)) and _dt_load(_dt_ckpts(out)[-1])["step"]
+            deadline = time.time() + 60
+            while time.time() < deadline and proc.poll() is None:  # wait for this run's first save
+                paths = _dt_ckpts(out)
+                if paths and int(os.path.basename(paths[-1])[5:13]) > before:
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.25))  # then kill at a random moment of the loop / a save
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        paths = _dt_ckpts(out)
+        assert paths, proc.stderr.read().decode()[-2000:]
+        for p in paths:  # every complete-named checkpoint loads
+            ckpt = _dt_load(p)
+            assert ckpt["step"] == int(os.path.basename(p)[5:13])
+    assert kills >= 1
+    proc = subprocess.run([sys.executable, "distill.py"] + argv + ["--resume", "auto"], cwd=_DT_DIR, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"done: {steps} steps" in proc.stdout
+    final = _dt_load(os.path.join(out, f"ckpt-{steps:08d}.pt"))
+    # the killed-and-resumed run equals one run straight through (in this process, one thread)
+    straight = str(tmp_path / "straight")
+    distill.main(argv + ["--out", straight])  # the last --out wins
+    _dt_assert_same_state(final["student"], _dt_load(os.path.join(straight, f"ckpt-{steps:08d}.pt"))["student"])
+
+
+# ----------------------------------------------------------------------------
+# eval.py: decoding, error rates, featurizer, probe, speed
+# ----------------------------------------------------------------------------
+
+SR = 16000
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # eval.main(--threads 1) changes a process-wide setting; give it back to the other tests
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- a tiny corpus
+# Three "words", each one phone: a low tone, a high tone and a noise burst, 60 ms each (about
+# 3 frames) with 0.1 s of silence around them. A probe on even a random upstream learns them.
+# subtle: the words are short on purpose. A linear CTC head sees the same features on every
+# frame of a stationary sound, so it can only emit the phone with one probability q on all n
+# frames; for n >~ 5 the CTC likelihood has a local optimum at small q (greedy decoding then
+# outputs only blanks) that 0.2 s words (10 frames) got stuck in. For n = 3 the likelihood
+# 3q - 4q^2 + 2q^3 rises monotonically to q = 1. Real speech is not stationary like this.
+
+WORDS = ("AH", "EE", "SS")
+LEXICON = "ah a\nee i\nAH x y\nss s\n"  # lower-case words, and a second AH pronunciation that must lose
+
+
+def _word_audio(word, rng, n):
+    t = np.arange(n) / SR
+    if word == "AH":
+        x = np.sin(2 * np.pi * 300 * t)  # 300 Hz tone
+    elif word == "EE":
+        x = np.sin(2 * np.pi * 2500 * t)  # 2.5 kHz tone
+    else:
+        x = 0.7 * rng.standard_normal(n)  # noise burst
+    return 0.5 * x
+
+
+def write_split(root, n_utts, seed, speaker="11"):
+    """LibriSpeech layout: root/<speaker>/<chapter>/<speaker>-<chapter>-<i>.flac + .trans.txt."""
+    rng = np.random.default_rng(seed)
+    chapter = str(100 + seed)
+    folder = os.path.join(root, speaker, chapter)
+    os.makedirs(folder, exist_ok=True)
+    lines = []
+    for i in range(n_utts):
+        words = [str(w) for w in rng.choice(WORDS, size=int(rng.integers(2, 5)))]
+        parts = [np.zeros(int(0.1 * SR))]
+        for w in words:
+            parts += [_word_audio(w, rng, int(0.06 * SR)), np.zeros(int(0.1 * SR))]
+        x = np.concatenate(parts)
+        x = x + 0.003 * rng.standard_normal(len(x))
+        utt = f"{speaker}-{chapter}-{i:04d}"
+        sf.write(os.path.join(folder, utt + ".flac"), x.astype(np.float32), SR)
+        lines.append(utt + " " + " ".join(words).lower())
+    with open(os.path.join(folder, f"{speaker}-{chapter}.trans.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for name, n, seed in (("train", 24, 1), ("dev", 8, 2), ("test", 8, 3)):
+        write_split(str(root / name), n, seed)
+    (root / "lex.txt").write_text(LEXICON)
+    return root
+
+
+def probe_argv(corpus, out, *extra):
+    return ["probe", "--upstream", "tiny", "--train", str(corpus / "train"), "--dev", str(corpus / "dev"),
+            "--test", str(corpus / "test"), "--lexicon", str(corpus / "lex.txt"), "--batch_size", "8",
+            "--threads", "1", "--out", str(out), *extra]
+
+
+# ----------------------------------------------------------------------------- decoding and error rates
+
+def test_greedy_decode_hand_example():
+    ids = torch.tensor([[0, 1, 1, 0, 1, 2, 2, 0]])
+    assert ev.greedy_decode(ids, torch.tensor([8])) == [[1, 1, 2]]  # collapse 1 1, keep 1 _ 1, drop blanks
+    # padded frames beyond the length are not decoded
+    assert ev.greedy_decode(ids, torch.tensor([3])) == [[1]]
+    # logits: argmax per frame first; a batch of two
+    logits = torch.nn.functional.one_hot(torch.tensor([[2, 2, 0, 2], [0, 0, 3, 3]]), 4).float()  # (2, 4, 4)
+    assert ev.greedy_decode(logits, torch.tensor([4, 4])) == [[2, 2], [3]]
+    # another blank id
+    assert ev.greedy_decode(torch.tensor([[3, 1, 3, 1, 1]]), torch.tensor([5]), blank=3) == [[1, 1]]
+
+
+def test_edit_distance_hand_examples():
+    assert ev.edit_distance("abc", "abc") == 0
+    assert ev.edit_distance("abc", "axc") == 1  # one substitution
+    assert ev.edit_distance("abc", "abxc") == 1  # one insertion
+    assert ev.edit_distance("abc", "ac") == 1  # one deletion
+    assert ev.edit_distance("abc", "") == 3 and ev.edit_distance("", "ab") == 2
+    assert ev.edit_distance("kitten", "sitting") == 3  # k->s, e->i, +g
+    assert ev.edit_distance([1, 2, 3, 4], [2, 3, 4, 5]) == 2  # delete 1, insert 5 (not 4 substitutions)
+
+
+def test_error_rate_is_corpus_level():
+    refs = [[1] * 10, [1]]
+    hyps = [[1] * 10, [2]]
+    rate, edits, ref_len = ev.error_rate(refs, hyps)
+    assert (edits, ref_len) == (1, 11)
+    assert rate == pytest.approx(100 / 11)  # not (0 % + 100 %) / 2 = 50 %
+    with pytest.raises(ValueError, match="empty"):
+        ev.error_rate([[]], [[1]])
+
+
+# ----------------------------------------------------------------------------- featurizer
+
+def test_weighted_sum_featurizer():
+    torch.manual_seed(0)
+    layers = torch.randn(2, 5, 7, 3)  # (B, L, T, D)
+    f = ev.WeightedSum(5)
+    assert torch.allclose(f(layers), layers.mean(dim=1), atol=1e-6)  # zero weights = mean of layers
+    with torch.no_grad():
+        f.weights.copy_(torch.randn(5))
+    w = f.weights.softmax(0)
+    assert w.sum().item() == pytest.approx(1.0)
+    assert torch.allclose(f(layers), (w[None, :, None, None] * layers).sum(1), atol=1e-6)
+    f(layers).pow(2).sum().backward()
+    assert f.weights.grad is not None and f.weights.grad.abs().sum() > 0  # gradient reaches the weights
+    # normalize: each layer standardised over D before the sum
+    g = ev.WeightedSum(5, normalize=True)
+    expected = torch.nn.functional.layer_norm(layers, (3,)).mean(1)
+    assert torch.allclose(g(layers), expected, atol=1e-6)
+    assert torch.allclose(g(layers * 10 + 3), expected, atol=1e-2)  # per-layer scale and offset removed
+
+
+def test_probe_gradient_through_ctc():
+    torch.manual_seed(0)
+    p = ev.Probe(3, 4, 5, head_init="random")  # a zero head passes no gradient to the layer weights yet
+    x = torch.randn(2, 3, 10, 4)
+    loss = ev.ctc_loss(p(x), torch.tensor([10, 6]), [[1, 2, 3], [4]])
+    loss.backward()
+    assert torch.isfinite(loss) and p.featurizer.weights.grad.abs().sum() > 0 and p.head.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- labels
+
+def test_lexicon_first_pronunciation_wins(tmp_path):
+    path = tmp_path / "lex.txt"
+    path.write_text(";;; a comment\nhello HH AH L OW\nHELLO HH EH L OW\n\nworld\tW ER L D\n")
+    lex = ev.read_lexicon(str(path))
+    assert lex == {"HELLO": ["HH", "AH", "L", "OW"], "WORLD": ["W", "ER", "L", "D"]}
+    assert ev.text_to_units("Hello world", "phone", lex) == ["HH", "AH", "L", "OW", "W", "ER", "L", "D"]
+    assert ev.unit_vocabulary("phone", lex) == ["<blank>", "AH", "D", "ER", "HH", "L", "OW", "W"]
+    with pytest.raises(ev.UnknownWord, match="'GOODBYE'.*utt-1"):
+        ev.text_to_units("hello goodbye", "phone", lex, where="utt-1")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("HELLO HH AH\nLONELY\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2.*LONELY"):
+        ev.read_lexicon(str(bad))
+
+
+def test_char_units_and_words():
+    units = ev.text_to_units("an apple's", "char")
+    assert units == list("AN|APPLE'S")
+    assert ev.units_to_words(units) == ["AN", "APPLE'S"]
+    assert ev.units_to_words(list("|A||B|")) == ["A", "B"]
+    with pytest.raises(ValueError, match="'1'"):
+        ev.text_to_units("room 101", "char")
+
+
+def test_load_split_unknown_words_and_missing_audio(tmp_path):
+    folder = write_split(str(tmp_path / "s"), 4, seed=5)
+    trans = os.path.join(folder, "11-105.trans.txt")
+    lines = open(trans).read().splitlines()
+    lines[1] = lines[1].split()[0] + " ah zebra"  # one utterance with a word the lexicon lacks
+    open(trans, "w").write("\n".join(lines) + "\n")
+    lex = {"AH": ["a"], "EE": ["i"], "SS": ["s"]}
+    vocab = ev.unit_vocabulary("phone", lex)
+    with pytest.raises(ev.UnknownWord, match="'ZEBRA'.*11-105-0001.*trans.txt"):
+        ev.load_split("train", str(tmp_path / "s"), "phone", lex, vocab)
+    split = ev.load_split("train", str(tmp_path / "s"), "phone", lex, vocab, skip_unknown=True)
+    assert split.skipped_unknown == 1 and len(split.ids) == 3 and "11-105-0001" not in split.ids
+    # a transcript line without its audio file is an error naming the utterance
+    os.remove(os.path.join(folder, "11-105-0002.flac"))
+    with pytest.raises(FileNotFoundError, match="11-105-0002"):
+        ev.load_split("train", str(tmp_path / "s"), "phone", lex, vocab, skip_unknown=True)
+    # an empty transcript is an error naming the file and line
+    lines[3] = lines[3].split()[0]
+    open(trans, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="trans.txt:4"):
+        ev.load_split("train", str(tmp_path / "s"), "phone", lex, vocab, skip_unknown=True)
+
+
+# ----------------------------------------------------------------------------- upstreams
+
+def test_upstream_specs(tmp_path):
+    wav, lengths = torch.randn(2, 8000), torch.tensor([8000, 5000])
+    teacher, cnn_only = ev.build_upstream("tiny")
+    layers, fl = ev.upstream_layers(teacher, cnn_only, wav, lengths)
+    assert len(layers) == 12 and fl.tolist() == [24, 15] and not any(p.requires_grad for p in teacher.parameters())
+    conv, cnn_only = ev.build_upstream("cnn:tiny")
+    layers, fl = ev.upstream_layers(conv, cnn_only, wav, lengths)
+    assert cnn_only and len(layers) == 1 and layers[0].shape == (2, 24, 32)
+    # random:PRESET:TEACHER, seeded; random:CKPT has the checkpoint's config and fresh weights
+    s1, _ = ev.build_upstream("random:distilhubert:tiny", seed=1)
+    s2, _ = ev.build_upstream("random:distilhubert:tiny", seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(s1.state_dict().values(), s2.state_dict().values()))
+    ckpt = tmp_path / "student.pt"
+    torch.save({"config": model.config_to_dict(s1.cfg), "student": s1.state_dict()}, ckpt)
+    loaded, _ = ev.build_upstream(str(ckpt))
+    assert torch.equal(loaded.state_dict()["feature_proj.weight"], s1.state_dict()["feature_proj.weight"])
+    fresh, _ = ev.build_upstream(f"random:{ckpt}", seed=7)
+    assert fresh.cfg == s1.cfg
+    assert not torch.equal(fresh.state_dict()["feature_proj.weight"], s1.state_dict()["feature_proj.weight"])
+    with pytest.raises(ValueError, match="--upstream nonsense"):
+        ev.build_upstream("nonsense")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_probe_learns_tiny_task(corpus, tmp_path):
+    out = tmp_path / "r.json"
+    result = ev.main(probe_argv(corpus, out, "--steps", "200", "--eval_every", "25"))
+    saved = json.loads(out.read_text())
+    for key in ("upstream", "layer_weights", "dev_per", "test_per", "steps", "seconds", "n_train", "n_dev",
+                "n_test", "unit", "best_step", "initial_dev_per"):
+        assert key in saved, key
+    assert saved["n_train"] == 24 and saved["n_dev"] == 8 and saved["n_test"] == 8 and saved["unit"] == "phone"
+    assert sum(saved["layer_weights"]) == pytest.approx(1.0) and len(saved["layer_weights"]) == 12
+    # the untrained (zero) head emits nothing: PER exactly 100 %; the trained probe must be far below
+    assert result["initial_dev_per"] == 100.0  # zero head: emits nothing, every phone deleted
+    # (12-16 % with model.py's tiny teacher at the time of writing, for seeds 0-3)
+    assert result["test_per"] < 50 and result["dev_per"] < 50, (result["dev_per"], result["test_per"])
+    assert result["seconds"] < 30
+
+
+def test_probe_char_unit_reports_wer(corpus, tmp_path):
+    out = tmp_path / "c.json"
+    result = ev.main(probe_argv(corpus, out, "--unit", "char", "--steps", "10", "--eval_every", "5",
+                                "--upstream", "cnn:tiny"))
+    saved = json.loads(out.read_text())
+    assert saved["unit"] == "char" and "wer" in saved and "dev_wer" in saved and saved["vocab_size"] == 29
+    assert saved["upstream"] == "cnn:tiny" and len(saved["layer_weights"]) == 1
+    assert result["wer"] >= 0
+
+
+def test_probe_flag_errors(corpus, tmp_path):
+    with pytest.raises(SystemExit):  # --unit phone without --lexicon
+        ev.parse_args(["probe", "--upstream", "tiny", "--train", "a", "--dev", "b", "--test", "c"])
+    with pytest.raises(FileNotFoundError, match="--dev"):
+        ev.main(probe_argv(corpus, tmp_path / "x.json", "--dev", str(tmp_path / "nowhere")))
+
+
+def test_speed_prints_table(capsys, tmp_path):
+    out = tmp_path / "speed.json"
+    rows = ev.main(["speed", "--teacher", "tiny", "--seconds", "0.5", "--batch", "2", "--repeats", "1",
+                    "--presets", "distilhubert", "--methods", "distilhubert", "--threads", "1", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "| model | params (M) | ms |" in text and "|---|" in text
+    names = [r["model"] for r in rows]
+    assert names[0].startswith("teacher tiny") and "student distilhubert forward" in names
+    assert any(n.startswith("torchaudio wav2vec2_model") for n in names)
+    assert rows[0]["x_teacher"] == 1.0 and all(r["ms"] > 0 for r in rows)
+    saved = json.loads(out.read_text())
+    assert len(saved["rows"]) == len(rows)
+    # the distillation step row, when distill.py provides its API; otherwise it is reported as skipped
+    assert "distill step distilhubert" in names or saved["skipped"], saved["skipped"]
