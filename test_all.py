@@ -38,6 +38,28 @@ import eval as ev
 
 
 # ----------------------------------------------------------------------------
+# shared fixtures
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # subtle: on a small, busy machine two intra-op threads spin-wait on each other and tiny
+    # models run many times slower; the tensors here are far too small to gain from threads,
+    # and bitwise comparisons with subprocesses want one thread too. Restored afterwards
+    # (eval.main(--threads N) also changes this process-wide setting).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    return model.load_teacher("tiny")
+
+
+
+# ----------------------------------------------------------------------------
 # data.py: audio, scanning, batching, span masking
 # ----------------------------------------------------------------------------
 
@@ -725,24 +747,9 @@ def _mt_wavlm(seed=0):
     return m
 
 
-@pytest.fixture(autouse=True)
-def _mt_one_thread():
-    # subtle: on a small, busy machine two intra-op threads spin-wait on each other and tiny
-    # models run many times slower; the tests' tensors are far too small to gain from threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def mt_tiny():
-    return model.load_teacher("tiny")
-
-
 # ----------------------------------------------------------------------------- frame count
 
-def test_model_frame_count_formula_and_real_convs(mt_tiny):
+def test_model_frame_count_formula_and_real_convs(tiny_teacher):
     small = Student(replace(PRESETS["armhubert"], conv_layers=_mt_small_conv(8), dim=8, ffn_dim=8,
                             num_heads=2, num_layers=1, pos_conv_kernel=4, pos_conv_groups=1,
                             teacher_dim=8, target_layers=(1,))).eval()
@@ -752,29 +759,29 @@ def test_model_frame_count_formula_and_real_convs(mt_tiny):
     for L in [0, 399, 400, 401, 719, 720, 1039, 1040, 16000, 16399]:
         want = (L - 400) // 320 + 1 if L >= 400 else 0
         assert data.frame_count(L) == want, L
-        for conv in (model.HUBERT_CONV, model.armhubert_conv(480), _mt_small_conv(8), mt_tiny.conv_layers):
+        for conv in (model.HUBERT_CONV, model.armhubert_conv(480), _mt_small_conv(8), tiny_teacher.conv_layers):
             assert model.conv_output_lengths(L, conv) == want, (L, conv)
         assert model.conv_output_lengths(torch.tensor([L]), model.HUBERT_CONV).tolist() == [want]
         if L >= 400:  # real convolutions: the tensor length and the returned frame_lengths
             wav = torch.randn(1, L)
             with torch.no_grad():
-                for net in (small, gn, mt_tiny):
+                for net in (small, gn, tiny_teacher):
                     feats, fl = net.cnn_features(wav, torch.tensor([L]))
                     assert feats.shape[1] == want and fl.tolist() == [want], (L, type(net).__name__)
 
 
 # ----------------------------------------------------------------------------- teacher
 
-def test_model_tiny_teacher_matches_torchaudio_layer_index(mt_tiny):
+def test_model_tiny_teacher_matches_torchaudio_layer_index(tiny_teacher):
     wav, lengths = _mt_wav([6000, 6000], seed=1)
-    layers, fl = mt_tiny(wav, lengths)
-    ref, ref_len = mt_tiny.model.extract_features(wav, lengths)
+    layers, fl = tiny_teacher(wav, lengths)
+    ref, ref_len = tiny_teacher.model.extract_features(wav, lengths)
     assert len(layers) == len(ref) == 12 and fl.tolist() == ref_len.tolist() == [data.frame_count(6000)] * 2
     for ours, theirs in zip(layers, ref):
         _mt_close(ours, theirs)
     # layer k = output of block k: torchaudio's extract_features(num_layers=k)[-1]
     for k in (1, 5, 12):
-        _mt_close(layers[k - 1], mt_tiny.model.extract_features(wav, lengths, num_layers=k)[0][-1])
+        _mt_close(layers[k - 1], tiny_teacher.model.extract_features(wav, lengths, num_layers=k)[0][-1])
     assert not torch.allclose(layers[0], layers[1])
 
 
@@ -805,9 +812,9 @@ def test_model_wavlm_teacher_matches_torchaudio():
 
 
 @pytest.mark.parametrize("which", ["tiny", "group_norm", "wavlm"])
-def test_model_teacher_padded_batch_equals_single_runs(which, mt_tiny):
+def test_model_teacher_padded_batch_equals_single_runs(which, tiny_teacher):
     if which == "tiny":
-        teacher = mt_tiny
+        teacher = tiny_teacher
     else:
         ta = _mt_wavlm(5) if which == "wavlm" else torchaudio.models.wav2vec2_model(**_MT_GN_CFG)
         cfg = _MT_WAVLM_CFG if which == "wavlm" else _MT_GN_CFG
@@ -823,53 +830,53 @@ def test_model_teacher_padded_batch_equals_single_runs(which, mt_tiny):
             _mt_close(layers[k][b, :T], single[k][0], atol=1e-4)
 
 
-def test_model_teacher_mask_uses_mask_emb(mt_tiny):
+def test_model_teacher_mask_uses_mask_emb(tiny_teacher):
     wav, lengths = _mt_wav([4000, 4000], seed=6)
     T = data.frame_count(4000)
-    plain, _ = mt_tiny(wav, lengths)
-    none_masked, _ = mt_tiny(wav, lengths, mask=torch.zeros(2, T, dtype=torch.bool))
+    plain, _ = tiny_teacher(wav, lengths)
+    none_masked, _ = tiny_teacher(wav, lengths, mask=torch.zeros(2, T, dtype=torch.bool))
     for a, b in zip(plain, none_masked):
         assert torch.equal(a, b)
     mask = torch.zeros(2, T, dtype=torch.bool)
     mask[0, 2:6] = True
     mask[1, 5:7] = True
-    ours, _ = mt_tiny(wav, lengths, mask=mask)
+    ours, _ = tiny_teacher(wav, lengths, mask=mask)
     assert not torch.allclose(ours[-1], plain[-1])
 
     # reference: torchaudio's own forward with the projected features of masked frames replaced
     def replace_frames(module, inputs, output):
-        return torch.where(mask[..., None], mt_tiny.mask_emb, output)
+        return torch.where(mask[..., None], tiny_teacher.mask_emb, output)
 
-    handle = mt_tiny.model.encoder.feature_projection.register_forward_hook(replace_frames)
+    handle = tiny_teacher.model.encoder.feature_projection.register_forward_hook(replace_frames)
     try:
         with torch.no_grad():
-            ref, _ = mt_tiny.model.extract_features(wav, lengths)
+            ref, _ = tiny_teacher.model.extract_features(wav, lengths)
     finally:
         handle.remove()
     for a, b in zip(ours, ref):
         _mt_close(a, b)
     # the mask embedding matters only where the mask is on
-    saved = mt_tiny.mask_emb.clone()
+    saved = tiny_teacher.mask_emb.clone()
     try:
-        mt_tiny.mask_emb.add_(1.0)
-        changed, _ = mt_tiny(wav, lengths, mask=mask)
-        unmasked_again, _ = mt_tiny(wav, lengths, mask=torch.zeros_like(mask))
+        tiny_teacher.mask_emb.add_(1.0)
+        changed, _ = tiny_teacher(wav, lengths, mask=mask)
+        unmasked_again, _ = tiny_teacher(wav, lengths, mask=torch.zeros_like(mask))
     finally:
-        mt_tiny.mask_emb.copy_(saved)
+        tiny_teacher.mask_emb.copy_(saved)
     assert not torch.allclose(changed[0], ours[0])
     assert torch.equal(unmasked_again[0], plain[0])
 
 
-def test_model_teacher_is_frozen(mt_tiny):
-    assert mt_tiny.mask_emb.shape == (48,)
-    assert not any(p.requires_grad for p in mt_tiny.parameters())
-    mt_tiny.train()
-    assert not mt_tiny.training and not any(m.training for m in mt_tiny.modules())
+def test_model_teacher_is_frozen(tiny_teacher):
+    assert tiny_teacher.mask_emb.shape == (48,)
+    assert not any(p.requires_grad for p in tiny_teacher.parameters())
+    tiny_teacher.train()
+    assert not tiny_teacher.training and not any(m.training for m in tiny_teacher.modules())
     wav, lengths = _mt_wav([2000], seed=7)
     wav.requires_grad_(True)
-    layers, _ = mt_tiny(wav, lengths)
+    layers, _ = tiny_teacher(wav, lengths)
     assert not layers[-1].requires_grad  # run under no_grad
-    a, _ = mt_tiny(wav, lengths)
+    a, _ = tiny_teacher(wav, lengths)
     assert torch.equal(a[-1], layers[-1])  # deterministic: no dropout after .train()
 
 
@@ -1037,8 +1044,8 @@ def _mt_record_attention(monkeypatch):
     return calls
 
 
-def test_model_reuse_layers_have_no_qk_and_reuse_the_previous_map(mt_tiny, monkeypatch):
-    cfg = _mt_cfg("armhubert", mt_tiny)
+def test_model_reuse_layers_have_no_qk_and_reuse_the_previous_map(tiny_teacher, monkeypatch):
+    cfg = _mt_cfg("armhubert", tiny_teacher)
     student = _mt_student(cfg)
     for i, layer in enumerate(student.layers):
         names = {n for n, _ in layer.named_parameters()}
@@ -1073,8 +1080,8 @@ def test_model_reuse_layers_have_no_qk_and_reuse_the_previous_map(mt_tiny, monke
     assert calls[-1]["attn"] is None
 
 
-def test_model_reuse_depends_on_previous_qk_and_gradients_flow(mt_tiny):
-    student = _mt_student(_mt_cfg("armhubert", mt_tiny))
+def test_model_reuse_depends_on_previous_qk_and_gradients_flow(tiny_teacher):
+    student = _mt_student(_mt_cfg("armhubert", tiny_teacher))
     first, second = student.layers[0].attention, student.layers[1].attention
     g = torch.Generator().manual_seed(15)
     x0, x1 = torch.randn(2, 9, 32, generator=g), torch.randn(2, 9, 32, generator=g)
@@ -1090,8 +1097,8 @@ def test_model_reuse_depends_on_previous_qk_and_gradients_flow(mt_tiny):
     assert not torch.allclose(out2, out, atol=1e-4)
 
 
-def test_model_official_reuse_applies_softmax_again(mt_tiny, monkeypatch):
-    paper = _mt_student(_mt_cfg("armhubert", mt_tiny))
+def test_model_official_reuse_applies_softmax_again(tiny_teacher, monkeypatch):
+    paper = _mt_student(_mt_cfg("armhubert", tiny_teacher))
     official = Student(replace(paper.cfg, official_reuse=True)).eval()
     official.load_state_dict(paper.state_dict())
     wav, lengths = _mt_wav([3000, 3000], seed=16)
@@ -1112,8 +1119,8 @@ def test_model_official_reuse_applies_softmax_again(mt_tiny, monkeypatch):
 # ----------------------------------------------------------------------------- fast path == readable path
 
 @pytest.mark.parametrize("preset", ["maskhubert", "gendistiller", "armhubert", "distilhubert"])
-def test_model_fused_attention_equals_explicit(preset, mt_tiny):
-    cfg = _mt_cfg(preset, mt_tiny)
+def test_model_fused_attention_equals_explicit(preset, tiny_teacher):
+    cfg = _mt_cfg(preset, tiny_teacher)
     fused = _mt_student(replace(cfg, fused_attention=True))
     explicit = Student(replace(cfg, fused_attention=False)).eval()
     explicit.load_state_dict(fused.state_dict())
@@ -1129,8 +1136,8 @@ def test_model_fused_attention_equals_explicit(preset, mt_tiny):
 # ----------------------------------------------------------------------------- padding invariance
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_model_padded_batch_equals_single_runs(preset, mt_tiny):
-    cfg = _mt_cfg(preset, mt_tiny)
+def test_model_padded_batch_equals_single_runs(preset, tiny_teacher):
+    cfg = _mt_cfg(preset, tiny_teacher)
     student = _mt_student(cfg)
     wav, lengths = _mt_wav([5000, 3100, 1400], seed=18)  # padded tail holds noise, not zeros
     with torch.no_grad():
@@ -1148,8 +1155,8 @@ def test_model_padded_batch_equals_single_runs(preset, mt_tiny):
                 _mt_close(x[b, :T], y[0], atol=1e-4)
 
 
-def test_model_padded_batch_with_mask_equals_single_runs(mt_tiny):
-    student = _mt_student(_mt_cfg("armhubert", mt_tiny))
+def test_model_padded_batch_with_mask_equals_single_runs(tiny_teacher):
+    student = _mt_student(_mt_cfg("armhubert", tiny_teacher))
     wav, lengths = _mt_wav([5000, 2300], seed=19)
     frames = data.frame_count(lengths)
     mask = torch.zeros(2, int(frames.max()), dtype=torch.bool)
@@ -1166,17 +1173,17 @@ def test_model_padded_batch_with_mask_equals_single_runs(mt_tiny):
 
 # ----------------------------------------------------------------------------- GenDistiller
 
-def _mt_gen_cfgs(mt_tiny):
-    teacher_init = _mt_cfg("gendistiller", mt_tiny)  # 48-d generator, history enters unchanged
-    narrow = _mt_cfg("gendistiller", mt_tiny, init_from_teacher=False, conv_layers=_mt_small_conv(16),
+def _mt_gen_cfgs(tiny_teacher):
+    teacher_init = _mt_cfg("gendistiller", tiny_teacher)  # 48-d generator, history enters unchanged
+    narrow = _mt_cfg("gendistiller", tiny_teacher, init_from_teacher=False, conv_layers=_mt_small_conv(16),
                      dim=32, ffn_dim=64, num_heads=4, pos_conv_kernel=16, pos_conv_groups=4)
     return {"teacher_init": teacher_init, "narrow": narrow}
 
 
 @pytest.mark.parametrize("which", ["teacher_init", "narrow"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_model_generator_is_causal_over_slots(which, fused, mt_tiny):
-    cfg = replace(_mt_gen_cfgs(mt_tiny)[which], fused_attention=fused)
+def test_model_generator_is_causal_over_slots(which, fused, tiny_teacher):
+    cfg = replace(_mt_gen_cfgs(tiny_teacher)[which], fused_attention=fused)
     student = _mt_student(cfg)
     assert (student.history_proj is None) == (which == "teacher_init")
     K, D = len(cfg.target_layers), cfg.dim
@@ -1210,8 +1217,8 @@ def test_model_generator_is_causal_over_slots(which, fused, mt_tiny):
 
 
 @pytest.mark.parametrize("which", ["teacher_init", "narrow"])
-def test_model_generator_free_running_equals_parallel_on_own_outputs(which, mt_tiny):
-    cfg = _mt_gen_cfgs(mt_tiny)[which]
+def test_model_generator_free_running_equals_parallel_on_own_outputs(which, tiny_teacher):
+    cfg = _mt_gen_cfgs(tiny_teacher)[which]
     student = _mt_student(cfg)
     wav, lengths = _mt_wav([4000, 2600], seed=21)
     with torch.no_grad():
@@ -1229,11 +1236,11 @@ def test_model_generator_free_running_equals_parallel_on_own_outputs(which, mt_t
         _mt_close(a, c)
 
 
-def test_model_generator_teacher_forcing_uses_history(mt_tiny):
-    student = _mt_student(_mt_gen_cfgs(mt_tiny)["narrow"])
+def test_model_generator_teacher_forcing_uses_history(tiny_teacher):
+    student = _mt_student(_mt_gen_cfgs(tiny_teacher)["narrow"])
     wav, lengths = _mt_wav([4000, 4000], seed=22)
     with torch.no_grad():
-        layers, _ = mt_tiny(wav, lengths)
+        layers, _ = tiny_teacher(wav, lengths)
         hist = [layers[k - 1] for k in student.cfg.target_layers[:-1]]
         a, _ = student(wav, lengths, history=hist)
         b, _ = student(wav, lengths, history=[hist[0], hist[1] + 1.0])  # change the last history
@@ -1284,15 +1291,15 @@ def test_model_main_prints_the_table():
 
 # ----------------------------------------------------------------------------- init from teacher
 
-def test_model_init_from_teacher_reproduces_teacher_layers(mt_tiny):
-    student = model.build_student("distilhubert", mt_tiny)
-    copied = model.init_from_teacher(student, mt_tiny)
+def test_model_init_from_teacher_reproduces_teacher_layers(tiny_teacher):
+    student = model.build_student("distilhubert", tiny_teacher)
+    copied = model.init_from_teacher(student, tiny_teacher)
     assert "layers.1.fc2.weight" in copied and "pos_conv.parametrizations.weight.original1" in copied
     student.eval()
     wav, lengths = _mt_wav([5000, 3000], seed=23, garbage=False)
     with torch.no_grad():
         hs, fl = student.hidden_states(wav, lengths)
-        layers, tfl = mt_tiny(wav, lengths)
+        layers, tfl = tiny_teacher(wav, lengths)
     assert torch.equal(fl, tfl) and len(hs) == 3
     for k in (1, 2):  # hidden_states[k] = student layer k = teacher layer k
         for b in range(2):
@@ -1300,11 +1307,11 @@ def test_model_init_from_teacher_reproduces_teacher_layers(mt_tiny):
             _mt_close(hs[k][b, :T], layers[k - 1][b, :T])
 
 
-def test_model_init_from_teacher_shape_mismatch_lists_tensors(mt_tiny):
-    cfg = replace(model.fit_to_teacher(PRESETS["distilhubert"], mt_tiny)[0], ffn_dim=50)
+def test_model_init_from_teacher_shape_mismatch_lists_tensors(tiny_teacher):
+    cfg = replace(model.fit_to_teacher(PRESETS["distilhubert"], tiny_teacher)[0], ffn_dim=50)
     student = Student(cfg)
     with pytest.raises(ValueError) as e:
-        model.init_from_teacher(student, mt_tiny)
+        model.init_from_teacher(student, tiny_teacher)
     msg = str(e.value)
     for name in ("layers.0.fc1.weight", "layers.0.fc2.weight", "layers.1.fc1.bias"):
         assert name in msg, msg
@@ -1325,21 +1332,6 @@ _DT_NO_DROPOUT = ["--dropout=0", "--attention_dropout=0", "--activation_dropout=
 _DT_RUN = ["--teacher", "tiny", "--data", "synthetic", "--batch_seconds", "2", "--max_seconds", "1",
            "--log_every", "3"]
 _DT_COS_FLOOR = math.log1p(math.exp(-1.0))  # min of -log sigmoid(cos): cos = 1
-
-
-@pytest.fixture(autouse=True)
-def _dt_one_thread():
-    # subtle: on a small, busy machine two intra-op threads spin-wait on each other and tiny
-    # models run many times slower; bitwise comparisons with subprocesses also want one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def dt_tiny():
-    return model.load_teacher("tiny")
 
 
 def _dt_student_flags(method):
@@ -1390,17 +1382,17 @@ def _dt_message(excinfo):
 
 @pytest.mark.parametrize("method,lr,steps", [("distilhubert", 3e-3, 80), ("gendistiller", 5e-3, 40),
                                              ("armhubert", 3e-3, 40), ("colld", 3e-3, 40)])
-def test_distill_each_method_overfits_one_batch(method, lr, steps, dt_tiny):
+def test_distill_each_method_overfits_one_batch(method, lr, steps, tiny_teacher):
     args = distill.parse_args(["--method", method] + _DT_RUN + _dt_student_flags(method) + _DT_NO_DROPOUT)
     torch.manual_seed(0)
-    student = distill.build_student_for(args, dt_tiny)
+    student = distill.build_student_for(args, tiny_teacher)
     student.train()
     opt = torch.optim.AdamW(distill.param_groups(student, args.weight_decay), lr=lr, betas=args.betas, eps=args.eps)
     wav, lengths = _dt_batch()
     history = []
     for _ in range(steps):
         # step=0 every time: the same mask / negatives, i.e. one fixed batch
-        loss, parts = distill.distillation_loss(args, dt_tiny, student, wav, lengths, step=0)
+        loss, parts = distill.distillation_loss(args, tiny_teacher, student, wav, lengths, step=0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1539,21 +1531,21 @@ def test_distill_flag_errors():
 
 
 @pytest.mark.parametrize("method", ["armhubert", "gendistiller", "distilhubert"])
-def test_distill_frame_mismatch_names_both_counts(method, dt_tiny):
+def test_distill_frame_mismatch_names_both_counts(method, tiny_teacher):
     # a stride-160 student (the last conv has stride 1) against the stride-320 teacher
     if method == "armhubert":
         conv = "[(8,10,5),(16,1,1)]+[(16,3,2)]*4+[(32,1,1)]+[(32,2,2),(32,2,1)]"
     else:  # the tiny teacher's conv with the last stride changed (kernels fit, init copies them)
         conv = "[(32,10,5)]+[(32,3,2)]*4+[(32,2,2),(32,2,1)]"
     args = distill.parse_args(["--method", method] + _DT_RUN + _dt_student_flags(method) + [f"--conv_layers={conv}"])
-    student = distill.build_student_for(args, dt_tiny)
+    student = distill.build_student_for(args, tiny_teacher)
     lengths = torch.tensor([16000, 12000])
     wav = 0.1 * torch.randn(2, 16000)
     teacher_frames = data.frame_count(lengths).tolist()
     student_frames = model.conv_output_lengths(lengths, student.cfg.conv_layers).tolist()
     assert teacher_frames != student_frames
     with pytest.raises(RuntimeError) as e:
-        distill.distillation_loss(args, dt_tiny, student, wav, lengths, step=0)
+        distill.distillation_loss(args, tiny_teacher, student, wav, lengths, step=0)
     assert str(teacher_frames) in str(e.value) and str(student_frames) in str(e.value)
 
 
@@ -1639,7 +1631,7 @@ def _dt_ddp_worker(rank, world, port, argv, wav, lengths, out_path):
         dist.destroy_process_group()
 
 
-def test_distill_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path, dt_tiny):
+def test_distill_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path, tiny_teacher):
     argv = ["--method", "distilhubert"] + _DT_RUN + _DT_NO_DROPOUT
     syn = data.SyntheticSpeech(num_utterances=4, seed=3)
     wav = torch.stack([syn[i][:8000] for i in range(4)])  # (4, 8000): equal lengths, no padding
@@ -1649,7 +1641,7 @@ def test_distill_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path, dt_
     mp.start_processes(_dt_ddp_worker, args=(2, _dt_free_port(), argv, wav, lengths, out), nprocs=2,
                        start_method="fork")
     ddp = torch.load(out, weights_only=True)
-    grads, state = _dt_one_step(distill.parse_args(argv), dt_tiny, wav, lengths)
+    grads, state = _dt_one_step(distill.parse_args(argv), tiny_teacher, wav, lengths)
     for k in grads:  # DDP averages the ranks' gradients = the gradient of the full-batch mean
         assert torch.allclose(ddp["grads"][k], grads[k], atol=1e-6, rtol=1e-4), k
     for k in state:
@@ -1755,14 +1747,6 @@ def test_distill_sigkill_leaves_loadable_checkpoints_and_resumes(tmp_path):
 # ----------------------------------------------------------------------------
 
 SR = 16000
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    # eval.main(--threads 1) changes a process-wide setting; give it back to the other tests
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- a tiny corpus
