@@ -306,11 +306,16 @@ def atomic_save(obj, path):
     """torch.save to a temporary file, fsync, then rename: a kill at any moment leaves either the
     old file set or the complete new file, never a half-written checkpoint under a final name."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupt: remove the partial file, keep the old ones, re-raise
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -470,6 +475,9 @@ def main(argv=None):
         # its own dropout noise (rank 0 keeps exactly the stream of a single-process run)
         torch.manual_seed(args.seed + rank)
     check_output_dir(args.out, raw)
+    if rank == 0:  # partial files of a run killed mid-save: never loaded, safe to delete
+        for stale in glob.glob(os.path.join(args.out, "ckpt-*.pt.tmp.*")):
+            os.remove(stale)
     say(f"method {args.method} (recipe: {RECIPES[args.method].source}), teacher {args.teacher} "
         f"({teacher.num_layers} layers, {teacher.dim}-d), student {args.student}: "
         f"{model.count_parameters(raw) / 1e6:.2f}M parameters, targets = teacher layers {list(raw.cfg.target_layers)}")

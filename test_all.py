@@ -1997,3 +1997,21 @@ def test_speed_prints_table(capsys, tmp_path):
     assert len(saved["rows"]) == len(rows)
     # the distillation step row, when distill.py provides its API; otherwise it is reported as skipped
     assert "distill step distilhubert" in names or saved["skipped"], saved["skipped"]
+
+
+def test_distill_atomic_save_failure_leaves_old_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    # disk full in the middle of a checkpoint write: the partial file is removed, the previous
+    # checkpoint stays complete, and the error reaches the caller
+    good = tmp_path / "ckpt-00000001.pt"
+    distill.atomic_save({"a": torch.ones(2)}, str(good))
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        distill.atomic_save({"a": torch.zeros(2)}, str(tmp_path / "ckpt-00000002.pt"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000001.pt"]
+    assert torch.equal(torch.load(good, weights_only=True)["a"], torch.ones(2))
