@@ -231,6 +231,11 @@ def build_student_for(args, teacher):
     notes += fit_notes
     for key in args.overrides:  # a user's explicit choice wins over fitting (init then checks shapes)
         cfg = dataclasses.replace(cfg, **{key: args.overrides[key]})
+    bad = [k for k in cfg.target_layers if not 1 <= k <= teacher.num_layers]
+    if bad:
+        raise SystemExit(f"error: --target_layers {list(cfg.target_layers)}: layers {bad} do not exist; the teacher "
+                         f"has layers 1..{teacher.num_layers} (layer k = output of block k; 0, the transformer "
+                         "input, is never a target)")
     if args.method in ("armhubert", "colld") and not cfg.mask_embedding:
         raise SystemExit(f"error: --method {args.method} masks the student input; --mask_embedding=false is not allowed")
     student = model.Student(cfg)
@@ -240,9 +245,10 @@ def build_student_for(args, teacher):
     return student
 
 
-def draw_mask(args, frame_lengths, max_frames, step, rank):
-    """The step's span mask (B, T). Seeded by (seed, step, rank) so a resumed run redraws it exactly."""
-    rng = np.random.default_rng([args.seed, step, rank])
+def draw_mask(args, frame_lengths, max_frames, step, micro, rank):
+    """The micro-batch's span mask (B, T), seeded by (seed, step, micro-step, rank): a resumed run
+    redraws it exactly, and the micro-batches of one update get different masks."""
+    rng = np.random.default_rng([args.seed, step, micro, rank])
     mask = data.compute_mask_indices(frame_lengths.cpu(), max_frames, args.mask_prob, args.mask_length,
                                      args.mask_type, min_masks=args.mask_min_masks,
                                      no_overlap=not args.mask_overlap, min_space=args.mask_min_space, rng=rng)
@@ -256,8 +262,9 @@ def check_frames(teacher_lengths, student_lengths):
                            "stride (320) and receptive field (400)")
 
 
-def distillation_loss(args, teacher, student, wav, lengths, step, rank=0):
+def distillation_loss(args, teacher, student, wav, lengths, step, rank=0, micro=0):
     """(loss, parts) of one batch for args.method. wav (B, S), lengths (B,) samples.
+    (step, micro, rank) seed the masks and CoLLD negatives.
 
     The teacher runs without grad in float32 (inside Teacher.forward); the student runs in
     whatever autocast region the caller opened. Targets: teacher layer k = layers[k - 1].
@@ -280,8 +287,8 @@ def distillation_loss(args, teacher, student, wav, lengths, step, rank=0):
         return losses.distilhubert_loss(preds, targets, t_lengths, args.cos_weight) if args.method == "distilhubert" \
             else losses.gendistiller_loss(preds, targets, t_lengths, args.cos_weight)
     # masked-input methods: one mask M per step, the student sees it, the teacher sees clean input
-    frames = data.frame_count(lengths)
-    mask = draw_mask(args, frames, int(frames.max()), step, rank)  # (B, T) bool
+    frames = model.conv_output_lengths(lengths, teacher.conv_layers)  # (B,) the teacher's frame counts
+    mask = draw_mask(args, frames, int(frames.max()), step, micro, rank)  # (B, T) bool
     clean, t_lengths = teacher(wav, lengths)
     preds, s_lengths = student(wav, lengths, mask=mask)
     check_frames(t_lengths, s_lengths)
@@ -291,8 +298,8 @@ def distillation_loss(args, teacher, student, wav, lengths, step, rank=0):
         L = len(preds)
         weights = [args.layer_weight] * (L - 1) + [args.last_layer_weight]
         return losses.masking_distillation_loss(preds, pick(clean), pick(masked), mask, t_lengths, weights)
-    seed = int(np.random.default_rng([args.seed, step, rank]).integers(2 ** 62))  # CoLLD negatives, per step
-    gen = torch.Generator().manual_seed(seed)
+    seed = int(np.random.default_rng([args.seed, step, micro, rank]).integers(2 ** 62))  # CoLLD negatives
+    gen = torch.Generator(device=wav.device).manual_seed(seed)  # drawn where the loss runs (GPU: no copy)
     return losses.colld_loss(preds, pick(clean), mask, t_lengths, args.colld_negatives, args.colld_temperature,
                              args.colld_include_unmasked, args.colld_l1_weight, generator=gen)
 
@@ -343,6 +350,26 @@ def find_resume(args):
         except Exception as e:  # a damaged file (disk error): say so and fall back to the one before
             print(f"warning: skipping unreadable checkpoint {path}: {e}", flush=True)
     return None
+
+
+def check_resumable(ckpt, path, args, cfg, world):
+    """Refuse to resume a checkpoint of another run: every mismatch is named."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != 1:
+        raise SystemExit(f"error: --resume {path}: not a distill.py training checkpoint")
+    problems = []
+    if ckpt["method"] != args.method:
+        problems.append(f"method {ckpt['method']} != {args.method}")
+    if ckpt["config"] != dataclasses.asdict(cfg):
+        diff = [k for k, v in dataclasses.asdict(cfg).items() if ckpt["config"].get(k) != v]
+        problems.append(f"student config differs in {diff}")
+    if len(ckpt["position"]) != world:
+        problems.append(f"written by {len(ckpt['position'])} process(es), resumed with {world}")
+    for name in ("max_steps", "lr", "warmup", "accum", "batch_seconds", "seed"):
+        if name in ckpt["args"] and ckpt["args"][name] != getattr(args, name):
+            problems.append(f"--{name} {ckpt['args'][name]} != {getattr(args, name)}")
+    if problems:
+        raise SystemExit(f"error: --resume {path} belongs to a different run: {'; '.join(problems)}. "
+                         "Resume with the same flags, or use a fresh --out.")
 
 
 def rng_state():
@@ -445,7 +472,7 @@ def autocast_dtype(args, device):
 
 
 @torch.no_grad()
-def validate(args, teacher, student, val_loader, device, rank):
+def validate(args, teacher, student, val_loader, device):
     """Mean held-out distillation loss over the fixed validation batches (eval mode, fixed masks)."""
     student.eval()
     total, n = 0.0, 0
@@ -454,7 +481,7 @@ def validate(args, teacher, student, val_loader, device, rank):
         if i >= args.val_batches:
             break
         # note: validation masks/negatives use steps 10^9 + i, never a training step's seed
-        loss, _ = distillation_loss(args, teacher, student, wav.to(device), lengths.to(device), 10 ** 9 + i, rank)
+        loss, _ = distillation_loss(args, teacher, student, wav.to(device), lengths.to(device), 10 ** 9 + i, 0)
         total, n = total + float(loss), n + 1
     student.train()
     return total / max(n, 1)
@@ -489,7 +516,8 @@ def main(argv=None):
     dataset, sampler, loader = make_data(args, args.data, rank, world, args.seed)
     val_loader = None
     if args.val:
-        _, _, val_loader = make_data(args, args.val, rank, world, seed=args.seed + 1, shuffle=False)
+        # every rank validates on the whole held-out set (rank 0 prints it), not on a shard
+        _, _, val_loader = make_data(args, args.val, 0, 1, seed=args.seed + 1, shuffle=False)
     say(f"data: {len(dataset)} utterances, {len(sampler)} batches of <= {args.batch_seconds:g} s per rank per "
         f"epoch; {world} process(es) x accum {args.accum}")
 
@@ -503,9 +531,7 @@ def main(argv=None):
     path = find_resume(args)
     if path:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt["method"] != args.method or ckpt["config"] != dataclasses.asdict(raw.cfg):
-            raise SystemExit(f"error: --resume {path} was written by a different run "
-                             f"(method {ckpt['method']!r}, student config differs or not); use a fresh --out")
+        check_resumable(ckpt, path, args, raw.cfg, world)
         raw.load_state_dict(ckpt["student"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -544,46 +570,55 @@ def main(argv=None):
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        step_loss, step_parts = 0.0, {}  # this update's loss and its parts, over micro-steps
         for micro in range(args.accum):
             epoch, position, wav, lengths = next(stream)
             wav, lengths = wav.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
             sync = contextlib.nullcontext() if world == 1 or micro == args.accum - 1 else student.no_sync()
             try:
                 with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss, parts = distillation_loss(args, teacher, student, wav, lengths, step, rank)
+                    loss, parts = distillation_loss(args, teacher, student, wav, lengths, step, rank, micro)
                     scaler.scale(loss / args.accum).backward()
             except torch.OutOfMemoryError:
+                if world > 1:
+                    dist.destroy_process_group()  # the other ranks fail instead of waiting forever
                 raise SystemExit(f"error: out of memory at step {step} on a batch of {len(lengths)} utterances, "
                                  f"{float(lengths.sum()) / data.SAMPLE_RATE:.0f} s of audio; lower --batch_seconds "
                                  f"(now {args.batch_seconds:g}) and raise --accum (now {args.accum}) to keep the "
                                  "effective batch, or set --max_seconds")
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / args.accum
-            sums["loss"] = sums.get("loss", 0.0) + loss.item() / args.accum
+                step_parts[k] = step_parts.get(k, 0.0) + float(v) / args.accum
+            step_loss += loss.item() / args.accum
             audio_s += float(lengths.sum()) / data.SAMPLE_RATE * world
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip)
-        if not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))) and amp != torch.float16:
-            # (with fp16 the scaler skips inf steps by itself and lowers its scale)
+        # note: with fp16 an inf gradient is the scaler's business (it skips the step and lowers its
+        # scale); a non-finite loss, or a non-finite gradient in bf16/fp32, is a real divergence
+        bad = not math.isfinite(step_loss) or (not math.isfinite(float(grad_norm)) and amp != torch.float16)
+        if world > 1:  # decide together: one rank stopping alone would leave the others waiting
+            flag = torch.tensor(float(bad), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if bad:
             detail = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
             if not args.skip_nonfinite:
                 last = checkpoint_paths(args.out)
-                raise SystemExit(f"error: non-finite loss or gradient at step {step} (loss {loss.item():.4g}, "
+                raise SystemExit(f"error: non-finite loss or gradient at step {step} (loss {step_loss:.4g}, "
                                  f"{detail}, grad norm {float(grad_norm):.4g}); stopped without saving. Last good "
                                  f"checkpoint: {last[-1] if last else 'none'}. Lower --lr or use --skip_nonfinite.")
             skipped += 1
-            optimizer.zero_grad(set_to_none=True)
             say(f"warning: step {step}: non-finite loss/gradient ({detail}); skipped ({skipped} so far)")
-            step += 1
-            continue
-        scaler.step(optimizer)
-        scaler.update()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+            for k, v in {**step_parts, "loss": step_loss}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            since_log += 1
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-        since_log += 1
 
-        if step % args.log_every == 0 or step == args.max_steps:
+        if (step % args.log_every == 0 or step == args.max_steps) and since_log:
             n, dt = max(since_log, 1), time.time() - t_log
             row = {k: v / n for k, v in sums.items()}
             ms = 1000 * dt / n
@@ -596,7 +631,7 @@ def main(argv=None):
                 log_file.flush()
             sums, t_log, audio_s, since_log = {}, time.time(), 0.0, 0
         if val_loader is not None and (step % args.val_every == 0 or step == args.max_steps):
-            val = validate(args, teacher, student, val_loader, device, rank)
+            val = validate(args, teacher, raw, val_loader, device)  # unwrapped: no DDP collectives
             say(f"step {step}/{args.max_steps} | validation loss {val:.4f}")
             if log_file:
                 log_file.write(json.dumps({"step": step, "val_loss": val}) + "\n")

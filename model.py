@@ -72,11 +72,13 @@ def masked_instance_norm(x, valid, norm):
     the padded tail too, which makes a short utterance's features depend on what it was
     batched with; statistics over valid steps only make a padded batch equal to single runs.
     """
+    dtype = x.dtype
+    x, valid = x.float(), valid.float()  # statistics in float32 even under autocast, as nn.GroupNorm
     n = valid.sum(-1, keepdim=True).clamp(min=1)  # (B, 1, 1)
     mean = (x * valid).sum(-1, keepdim=True) / n  # (B, C, 1)
     var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / n  # (B, C, 1), biased like GroupNorm
     x = (x - mean) / torch.sqrt(var + norm.eps)
-    return x * norm.weight[None, :, None] + norm.bias[None, :, None]
+    return (x * norm.weight[None, :, None] + norm.bias[None, :, None]).to(dtype)
 
 
 def conv_front_end(blocks, wav, lengths):
@@ -460,9 +462,10 @@ def fit_to_teacher(cfg, teacher):
     the geometry of the copied parts. Returns (new config, list of 'field: old -> new' notes).
 
     - teacher_dim always follows the teacher.
-    - target_layers: per_layer heads map student layer i to teacher layer round(i * L_t / L_s)
-      (SPEC 3); the distilhubert/generator default (4, 8, 12) is scaled to L_t layers
-      (choice: (8, 16, 24) for a 24-layer teacher), unless the user set them.
+    - target_layers: per_layer heads map student layer i to teacher layer phi(i) = round(i * L_t / L_s)
+      (SPEC 3), rounding halves up (Python's round() rounds them to even) and never below layer 1;
+      the distilhubert/generator default (4, 8, 12) is scaled to L_t layers (choice: (8, 16, 24)
+      for a 24-layer teacher), unless the user set them.
     - init_from_teacher: DistilHuBERT's student IS the teacher's front end and first layers,
       so conv, width, FFN, heads, positional conv and layer order come from the teacher.
     """
@@ -470,9 +473,9 @@ def fit_to_teacher(cfg, teacher):
     new = dict(teacher_dim=teacher.dim)
     L_t = teacher.num_layers
     if cfg.head == "per_layer":
-        new["target_layers"] = tuple(round(i * L_t / cfg.num_layers) for i in range(1, cfg.num_layers + 1))
+        new["target_layers"] = tuple(max(1, math.floor(i * L_t / cfg.num_layers + 0.5)) for i in range(1, cfg.num_layers + 1))
     elif any(t > L_t for t in cfg.target_layers) or cfg.target_layers == (4, 8, 12):
-        new["target_layers"] = tuple(max(1, round(t * L_t / 12)) for t in (4, 8, 12))
+        new["target_layers"] = tuple(max(1, math.floor(t * L_t / 12 + 0.5)) for t in (4, 8, 12))
     if cfg.init_from_teacher:
         new.update(conv_layers=[tuple(x) for x in c["extractor_conv_layer_config"]],
                    conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"],
@@ -593,6 +596,8 @@ class Student(nn.Module):
         self.cfg = cfg
         D = cfg.dim
         # --- conv front end, written out from cfg.conv_layers
+        if cfg.conv_norm not in ("group_norm", "layer_norm"):
+            raise ValueError(f"conv_norm={cfg.conv_norm!r}: expected 'group_norm' or 'layer_norm'")
         blocks, c_in = [], 1
         for i, (c, k, s) in enumerate(cfg.conv_layers):
             if cfg.conv_norm == "layer_norm":
@@ -631,7 +636,8 @@ class Student(nn.Module):
             self.pred_split = nn.ModuleList(nn.Linear(Dt, Dt) for _ in range(K))
         elif cfg.head == "per_layer":
             if K != cfg.num_layers:
-                raise ValueError(f"per_layer heads need one target per layer: {K} targets, {cfg.num_layers} layers")
+                raise ValueError(f"per_layer heads need one target per layer: {K} targets, {cfg.num_layers} layers "
+                                 "(build with a teacher, model.build_student(preset, teacher), or set target_layers)")
             self.heads = nn.ModuleList(nn.Linear(D, Dt) for _ in range(cfg.num_layers))
         elif cfg.head == "generator":
             self.slot_emb = nn.Parameter(torch.randn(K, D) * 0.02)  # learned embedding of slot 0..K-1

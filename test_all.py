@@ -1552,9 +1552,11 @@ def test_distill_frame_mismatch_names_both_counts(method, tiny_teacher):
 def test_distill_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
     original = distill.distillation_loss
 
-    def nan_at_step_3(args, teacher, student, wav, lengths, step, rank=0):
-        loss, parts = original(args, teacher, student, wav, lengths, step, rank)
-        return (loss * float("nan"), parts) if step == 3 else (loss, parts)
+    bad_steps = {3}
+
+    def nan_at_step_3(args, teacher, student, wav, lengths, step, rank=0, micro=0):
+        loss, parts = original(args, teacher, student, wav, lengths, step, rank, micro)
+        return (loss * float("nan"), parts) if step in bad_steps else (loss, parts)
 
     monkeypatch.setattr(distill, "distillation_loss", nan_at_step_3)
     out = str(tmp_path / "run")
@@ -1573,6 +1575,11 @@ def test_distill_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatc
     printed = capsys.readouterr().out
     assert "1 skipped" in printed and "step 3" in printed
     assert os.path.basename(_dt_ckpts(tmp_path / "skip")[-1]) == "ckpt-00000006.pt"
+    # a skipped LAST step still ends with the final checkpoint
+    bad_steps.clear()
+    bad_steps.add(5)
+    distill.main(argv + ["--out", str(tmp_path / "skip_last"), "--skip_nonfinite", "--save_every", "4"])
+    assert [os.path.basename(p) for p in _dt_ckpts(tmp_path / "skip_last")] == ["ckpt-00000004.pt", "ckpt-00000006.pt"]
 
 
 def test_distill_unwritable_out_fails_before_training(tmp_path, monkeypatch):
@@ -2015,3 +2022,54 @@ def test_distill_atomic_save_failure_leaves_old_checkpoint_and_no_partial_file(t
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["ckpt-00000001.pt"]
     assert torch.equal(torch.load(good, weights_only=True)["a"], torch.ones(2))
+
+
+def test_distill_masks_differ_across_micro_steps_and_are_reproducible():
+    # accumulation micro-steps of one update must not share a mask; a resumed run redraws it exactly
+    args = distill.parse_args(["--method", "armhubert", "--data", "synthetic"])
+    frames = torch.tensor([100, 100])
+    a = distill.draw_mask(args, frames, 100, step=7, micro=0, rank=0)
+    b = distill.draw_mask(args, frames, 100, step=7, micro=1, rank=0)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, distill.draw_mask(args, frames, 100, step=7, micro=0, rank=0))
+
+
+def test_distill_target_layers_must_exist_in_teacher(tiny_teacher):
+    for bad in ("0,8,12", "4,8,13"):  # 0 is the transformer input, 13 does not exist
+        args = distill.parse_args(["--method", "distilhubert", "--data", "synthetic", f"--target_layers={bad}"])
+        with pytest.raises(SystemExit, match=r"layers 1\.\.12"):
+            distill.build_student_for(args, tiny_teacher)
+
+
+def test_distill_resume_refuses_a_different_run(tmp_path):
+    out = str(tmp_path / "run")
+    argv = ["--method", "armhubert", "--max_steps", "2", "--save_every", "2", "--workers", "0",
+            "--out", out] + _DT_RUN + _DT_SMALL
+    distill.main(argv)
+    with pytest.raises(SystemExit, match=r"--lr 0.005 != 0.001"):
+        distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--lr", "1e-3"])
+    with pytest.raises(SystemExit, match="not a distill.py training checkpoint"):
+        torch.save({"x": torch.ones(1)}, str(tmp_path / "other.pt"))
+        distill.main(argv + ["--resume", str(tmp_path / "other.pt")])
+
+
+def test_model_layer_map_rounds_halves_up_and_never_hits_layer_0():
+    class Teacher12:
+        config = dict(model.TINY_TEACHER_CONFIG)
+        dim, num_layers = 48, 12
+
+    for L_s, expected in ((24, [1, 1, 2, 2, 3]), (8, [2, 3, 5, 6, 8, 9, 11, 12])):
+        cfg, _ = fit_to_teacher(replace(PRESETS["colld"], num_layers=L_s), Teacher12)
+        assert list(cfg.target_layers[: len(expected)]) == expected and min(cfg.target_layers) >= 1
+        assert cfg.target_layers[-1] == 12
+
+
+def test_model_masked_group_norm_is_float32_under_autocast():
+    # bf16 statistics would drift from nn.GroupNorm; the norm must compute in float32 and return x's dtype
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 4)
+    x = (torch.randn(2, 4, 50) * 3 + 20).bfloat16()
+    valid = torch.ones(2, 1, 50, dtype=torch.bfloat16)
+    out = model.masked_instance_norm(x, valid, norm)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), norm(x.float()), atol=0.02, rtol=0.02)
