@@ -27,11 +27,12 @@ Example:
             frames = data.frame_count(lengths)                       # (B,) long
             mask = data.compute_mask_indices(frames, int(frames.max()), mask_prob=0.8)
 
-Self-test: python -m pytest -q _t_data.py
+Tests: python -m pytest -q test_all.py -k data
 """
 
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -405,7 +406,10 @@ class AudioDataset(torch.utils.data.Dataset):
     choice: a plain int index means epoch 0 (handy for inspection and evaluation).
     """
 
-    def __init__(self, source, max_samples=None, seed=0):
+    def __init__(self, source, max_samples=None, seed=0, skip_bad=False):
+        # skip_bad: a file that passed scan_audio (header) but fails to decode is returned as a
+        # BadFile instead of raising inside a DataLoader worker; collate_checked drops and names it
+        self.skip_bad = skip_bad
         if isinstance(source, str):
             source = SyntheticSpeech() if source == "synthetic" else scan_audio(source)[0]
         if isinstance(source, SyntheticSpeech):
@@ -448,7 +452,12 @@ class AudioDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = (0, key) if isinstance(key, (int, np.integer)) else key
-        wav = self.load(index)  # (S,)
+        try:
+            wav = self.load(index)  # (S,)
+        except AudioError as e:
+            if not self.skip_bad:
+                raise
+            return BadFile(self.paths[index], str(e))
         if self.max_samples is not None and wav.shape[0] > self.max_samples:
             # note: the generator is seeded by (seed, epoch, index) and nothing else, so the
             # crop does not depend on which worker loads it or on what was loaded before.
@@ -552,6 +561,25 @@ class LengthBucketSampler(torch.utils.data.Sampler):
             yield [(epoch, i) for i in self.batches[b]]
 
 
+class BadFile(NamedTuple):
+    """An utterance that could not be decoded during training (see AudioDataset(skip_bad=True))."""
+    path: str
+    reason: str
+
+
+def collate_checked(batch):
+    """collate() for training: BadFile entries are left out and returned by name.
+
+    -> (wav (B', S_max), lengths (B',), bad: list of BadFile); B' may be 0 if every file failed.
+    """
+    bad = [b for b in batch if isinstance(b, BadFile)]
+    good = [b for b in batch if not isinstance(b, BadFile)]
+    if not good:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), bad
+    wav, lengths = collate(good)
+    return wav, lengths, bad
+
+
 def collate(batch):
     """List of B waveforms (S_b,) -> (wav (B, S_max) float32 zero-padded, lengths (B,) long)."""
     lengths = torch.tensor([w.shape[0] for w in batch], dtype=torch.long)  # (B,)
@@ -561,7 +589,7 @@ def collate(batch):
     return wav, lengths
 
 
-def make_loader(dataset, sampler, num_workers=2):
+def make_loader(dataset, sampler, num_workers=2, collate_fn=None):
     """DataLoader over `dataset` with `sampler` as batch sampler and `collate`.
 
     persistent_workers is off so that each epoch's iterator reads the sampler's current
@@ -570,7 +598,7 @@ def make_loader(dataset, sampler, num_workers=2):
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=collate,
+        collate_fn=collate_fn or collate,
         num_workers=num_workers,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),

@@ -66,7 +66,7 @@ RECIPES = {
     # weight decay 0.01 per SPEC (note: the official armhubert-960.yaml sets 1e-6; use --weight_decay).
     # choice: clip 10.0 (fairseq's HuBERT value; the official config states none).
     "armhubert": Recipe("armhubert", 5e-3, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 390_600, 221.0, 8, 0.8,
-                        source="Recipe-and-Distill paper + official armhubert-960.yaml"),
+                        source="Recycle-and-Distill paper + official armhubert-960.yaml"),
     # CoLLD (SPEC 3): no public recipe. choice: ARMHuBERT's optimizer, batch and masking, with the
     # maskhubert geometry's lr 5e-4 (the default student), and 200k steps.
     "colld": Recipe("colld", 5e-4, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 200_000, 221.0, 8, 0.8,
@@ -428,19 +428,28 @@ def make_data(args, source, rank, world, seed, shuffle=True):
         items, report = data.scan_audio(source, verbose=rank == 0)  # bad files: counted and named
         corpus = items
     max_samples = int(args.max_seconds * data.SAMPLE_RATE) if args.max_seconds else None
-    dataset = data.AudioDataset(corpus, max_samples=max_samples, seed=seed)
+    dataset = data.AudioDataset(corpus, max_samples=max_samples, seed=seed, skip_bad=True)
     sampler = data.LengthBucketSampler(dataset.lengths, int(args.batch_seconds * data.SAMPLE_RATE),
                                        seed=seed, shuffle=shuffle, rank=rank, world_size=world)
-    loader = data.make_loader(dataset, sampler, num_workers=args.workers)
+    loader = data.make_loader(dataset, sampler, num_workers=args.workers, collate_fn=data.collate_checked)
     return dataset, sampler, loader
 
 
-def batches(loader, sampler, epoch, start_batch):
-    """Endless (epoch, position, wav, lengths): position = batches of this epoch consumed after this one."""
+def batches(loader, sampler, epoch, start_batch, bad_files):
+    """Endless (epoch, position, wav, lengths): position = batches of this epoch consumed after this one.
+
+    A file that passed the scan but fails to decode is named, added to `bad_files` and left out
+    of its batch (never a crash inside a worker, never silent); an empty batch is passed over.
+    """
     while True:
         sampler.set_epoch(epoch, start_batch=start_batch)
-        for position, (wav, lengths) in enumerate(loader, start=start_batch + 1):
-            yield epoch, position, wav, lengths
+        for position, (wav, lengths, bad) in enumerate(loader, start=start_batch + 1):
+            for f in bad:
+                if f.path not in bad_files:
+                    print(f"warning: left out undecodable audio: {f.reason}", flush=True)
+                bad_files[f.path] = f.reason
+            if len(lengths):
+                yield epoch, position, wav, lengths
         epoch, start_batch = epoch + 1, 0
 
 
@@ -477,9 +486,11 @@ def validate(args, teacher, student, val_loader, device):
     student.eval()
     total, n = 0.0, 0
     val_loader.batch_sampler.set_epoch(0)
-    for i, (wav, lengths) in enumerate(val_loader):
+    for i, (wav, lengths, _) in enumerate(val_loader):  # undecodable files: named by the training loop
         if i >= args.val_batches:
             break
+        if not len(lengths):
+            continue
         # note: validation masks/negatives use steps 10^9 + i, never a training step's seed
         loss, _ = distillation_loss(args, teacher, student, wav.to(device), lengths.to(device), 10 ** 9 + i, 0)
         total, n = total + float(loss), n + 1
@@ -563,7 +574,8 @@ def main(argv=None):
             dist.barrier()
 
     # --- the loop: one optimizer step = accum micro-batches
-    stream = batches(loader, sampler, epoch, position)
+    bad_files = {}  # path -> reason, files that failed to decode during training
+    stream = batches(loader, sampler, epoch, position, bad_files)
     log_file = open(os.path.join(args.out, "train_log.jsonl"), "a") if rank == 0 else None
     skipped, t_log, audio_s, sums, since_log = 0, time.time(), 0.0, {}, 0
     while step < args.max_steps:
@@ -638,7 +650,7 @@ def main(argv=None):
                 log_file.flush()
         if step % args.save_every == 0 or step == args.max_steps:
             save(step)
-    say(f"done: {step} steps, {skipped} skipped; student in {os.path.join(args.out, f'ckpt-{step:08d}.pt')} "
+    say(f"done: {step} steps, {skipped} skipped, {len(bad_files)} undecodable file(s) left out; student in {os.path.join(args.out, f'ckpt-{step:08d}.pt')} "
         "(load with model.load_student)")
     if log_file:
         log_file.close()

@@ -2073,3 +2073,22 @@ def test_model_masked_group_norm_is_float32_under_autocast():
     out = model.masked_instance_norm(x, valid, norm)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), norm(x.float()), atol=0.02, rtol=0.02)
+
+
+def test_distill_undecodable_file_is_named_and_left_out(tmp_path, capsys):
+    # a file whose header is fine but whose body is not: found only when decoded, during training
+    root = tmp_path / "corpus"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        sf.write(str(root / f"u{i}.flac"), (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+    broken = root / "u1.flac"
+    raw = bytearray(broken.read_bytes())
+    raw[len(raw) // 3:] = b"\xff" * (len(raw) - len(raw) // 3)  # header intact (1 s), frames garbage
+    broken.write_bytes(bytes(raw))
+    out = str(tmp_path / "run")
+    distill.main(["--method", "distilhubert", "--teacher", "tiny", "--data", str(root), "--batch_seconds", "2",
+                  "--max_steps", "3", "--workers", "0", "--log_every", "1", "--out", out])
+    printed = capsys.readouterr().out
+    assert "u1.flac" in printed and "1 undecodable file(s) left out" in printed
+    assert os.path.exists(os.path.join(out, "ckpt-00000003.pt"))
