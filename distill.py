@@ -590,6 +590,10 @@ def main(argv=None):
             try:
                 with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, parts = distillation_loss(args, teacher, student, wav, lengths, step, rank, micro)
+                    # choice: each micro-batch's loss is already a mean over its own valid frames;
+                    # micro-batches (and, through DDP's gradient mean, ranks) then weigh equally,
+                    # as in s3prl and the official ARMHuBERT code (fairseq divides by the update's
+                    # total frame count instead)
                     scaler.scale(loss / args.accum).backward()
             except torch.OutOfMemoryError:
                 if world > 1:

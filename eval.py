@@ -23,12 +23,12 @@ other and against their `random:` floor, not to reproduce the papers' absolute P
 
 Examples:
     # phoneme error rate of a distilled student (LibriSpeech layout dirs, CMUdict-style lexicon)
-    python eval.py probe --upstream runs/armhubert/last.pt \\
+    python eval.py probe --upstream runs/armhubert/ckpt-00390600.pt \\
         --train data/LibriSpeech/train-clean-100 --train_limit 2000 \\
         --dev data/LibriSpeech/dev-clean --test data/LibriSpeech/test-clean \\
         --lexicon librispeech-lexicon.txt --out results/armhubert_pr.json
     # the floor: same architecture, random weights
-    python eval.py probe --upstream random:runs/armhubert/last.pt ...
+    python eval.py probe --upstream random:runs/armhubert/ckpt-00390600.pt ...
     # speed table (random HuBERT Base-sized teacher, no download)
     python eval.py speed --seconds 4 --batch 8 --device cuda --out results/speed.json
 """
@@ -753,10 +753,17 @@ def run_speed(args):
                      "peak_mem_mb": mem})
         print(f"  {name}: {ms:.1f} ms", flush=True)
 
-    print(f"speed: batch {args.batch} x {args.seconds} s of noise on {device}, median of {args.repeats} "
-          f"after {args.warmup} warm-up")
+    # the student side runs under autocast like distill.py (--precision auto: bf16 on GPUs that
+    # support it, fp32 on CPU); the teacher always computes in fp32 (model.Teacher disables autocast)
+    if args.precision == "auto":
+        amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    else:
+        amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    autocast = lambda: torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
+    print(f"speed: batch {args.batch} x {args.seconds} s of noise on {device}, student precision "
+          f"{amp or torch.float32}, median of {args.repeats} after {args.warmup} warm-up")
     # --- forward passes (inference: no grad, eval mode)
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         add(f"teacher {args.teacher} forward", lambda: teacher(wav, lengths), sum(p.numel() for p in teacher.parameters()))
         for preset in args.presets:
             student = model.build_student(preset, teacher).to(device).eval()  # preset fitted to the teacher
@@ -787,7 +794,8 @@ def run_speed(args):
             step = [0]
 
             def one_step():
-                loss, _ = distill.distillation_loss(d_args, teacher, student, wav, lengths, step[0])
+                with autocast():  # note: no fp16 gradient scaler here; it changes no timing that matters
+                    loss, _ = distill.distillation_loss(d_args, teacher, student, wav, lengths, step[0])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -884,6 +892,9 @@ def parse_args(argv=None):
     sp.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                     help="distill.py methods to time one training step of (student = the method's default preset)")
     sp.add_argument("--skip_distill", action="store_true", help="do not time distillation steps (reported as skipped)")
+    sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="student autocast as in distill.py: auto = bf16 on GPUs that support it, fp32 on CPU; "
+                         "the teacher always runs in fp32")
     sp.add_argument("--seed", type=int, default=0, help="seed of the random weights and audio")
     sp.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
