@@ -165,8 +165,8 @@ class Teacher(nn.Module):
         self.num_layers = config["encoder_num_layers"]
         if mask_emb is None:
             # choice (SPEC 2): torchaudio bundles drop fairseq's mask_emb; use zeros and say so
-            warnings.warn(f"teacher {name!r} has no mask embedding (torchaudio bundles drop it): "
-                          "masked frames are replaced by a zero vector (SPEC section 2)")
+            warnings.warn(f"teacher {name!r} has no mask embedding (torchaudio bundles drop it, and this "
+                          "checkpoint has no 'mask_emb'): masked frames get a zero vector (SPEC section 2)")
             mask_emb = torch.zeros(self.dim)
         self.register_buffer("mask_emb", mask_emb.float().reshape(self.dim))
         self.model.encoder.transformer.layer_drop = 0.0
