@@ -41,7 +41,6 @@ import resource
 import statistics
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from typing import List
 
@@ -295,13 +294,6 @@ def load_split(name, root, unit, lexicon, vocab, skip_unknown=False, limit=0):
 # ----------------------------------------------------------------------------
 
 
-def hubert_base_description():
-    """What model.fit_to_teacher needs to know of HuBERT Base, without building or downloading it."""
-    import torchaudio
-
-    return types.SimpleNamespace(config=dict(torchaudio.pipelines.HUBERT_BASE._params), dim=768, num_layers=12)
-
-
 def random_teacher(name, seed=0):
     """A Teacher with the geometry of a torchaudio bundle (or `tiny`) and random weights.
 
@@ -314,12 +306,8 @@ def random_teacher(name, seed=0):
         return model.teacher_from_checkpoint(model.tiny_teacher_checkpoint(seed), name="random:tiny")
     if name.lower() not in model.BUNDLES:
         raise ValueError(f"random:{name}: not a teacher bundle name ({', '.join(model.BUNDLES)}) nor 'tiny'")
-    bundle = getattr(torchaudio.pipelines, model.BUNDLES[name.lower()])
-    config = dict(bundle._params)
-    is_wavlm = bundle._model_type == "WavLM"
-    if is_wavlm:
-        config.setdefault("encoder_num_buckets", 320)
-    build = torchaudio.models.wavlm_model if is_wavlm else torchaudio.models.wav2vec2_model
+    config, _ = model.bundle_config(name)
+    build = torchaudio.models.wavlm_model if "encoder_num_buckets" in config else torchaudio.models.wav2vec2_model
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         m = build(**config)
@@ -362,7 +350,7 @@ def build_upstream(spec, device="cpu", seed=0, flag="--upstream"):
             if preset in model.PRESETS:
                 # choice: without ':TEACHER' the preset is fitted to HuBERT Base's geometry (the
                 # papers' size), described from torchaudio's config so nothing is downloaded
-                teacher = build_upstream(teacher_spec, "cpu", seed, flag)[0] if teacher_spec else hubert_base_description()
+                teacher = build_upstream(teacher_spec, "cpu", seed, flag)[0] if teacher_spec else model.bundle_description("hubert_base")
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
                     module = model.build_student(preset, teacher)

@@ -338,6 +338,25 @@ def fairseq_to_torchaudio(weights, cfg, task_cfg=None):
             "normalize_waveform": normalize}
 
 
+def bundle_config(name):
+    """(torchaudio model kwargs, normalize_waveform) of a bundle in BUNDLES; nothing is downloaded."""
+    import torchaudio
+
+    bundle = getattr(torchaudio.pipelines, BUNDLES[name.lower()])
+    config = dict(bundle._params)
+    if bundle._model_type == "WavLM":  # the kwargs of wavlm_model: marked by encoder_num_buckets
+        config.setdefault("encoder_num_buckets", 320)
+    return config, bundle._normalize_waveform
+
+
+def bundle_description(name):
+    """What fit_to_teacher reads of a teacher (config, dim, num_layers), for a bundle, without building it."""
+    import types
+
+    config, _ = bundle_config(name)
+    return types.SimpleNamespace(config=config, dim=config["encoder_embed_dim"], num_layers=config["encoder_num_layers"])
+
+
 def tiny_teacher_checkpoint(seed=0):
     """A seeded random `tiny` teacher in the torchaudio-format dict (mask_emb included)."""
     import torchaudio
@@ -358,13 +377,10 @@ def load_teacher(name_or_path, device="cpu"):
     if name_or_path == "tiny":
         ckpt = tiny_teacher_checkpoint()
     elif name_or_path.lower() in BUNDLES:
+        config, normalize = bundle_config(name_or_path)
         bundle = getattr(torchaudio.pipelines, BUNDLES[name_or_path.lower()])
-        config = dict(bundle._params)
-        if bundle._model_type == "WavLM":
-            config.setdefault("encoder_num_buckets", 320)
         # the weights download from torchaudio's server on first use (cached by torch.hub)
-        ckpt = {"config": config, "state_dict": bundle._get_state_dict(None),
-                "normalize_waveform": bundle._normalize_waveform}
+        ckpt = {"config": config, "state_dict": bundle._get_state_dict(None), "normalize_waveform": normalize}
     elif os.path.isfile(name_or_path):
         try:
             raw = torch.load(name_or_path, map_location="cpu", weights_only=True)
@@ -910,15 +926,12 @@ def main():
     hubert_paper = hubert_params + HUBERT_BASE_FAIRSEQ_EXTRA
     hubert_macs = count_macs(HUBERT_BASE, with_heads=False)
 
-    class Base:  # a HuBERT Base-sized teacher description, for fit_to_teacher
-        config = dict(torchaudio.pipelines.HUBERT_BASE._params)
-        dim, num_layers = 768, 12
-
+    base = bundle_description("hubert_base")  # a HuBERT Base-sized teacher, for fit_to_teacher
     print("Students fitted to a HuBERT Base teacher (768-d, 12 layers). MACs: one forward on 10 s of audio.")
     print("% of HuBERT Base uses the papers' 94.70M (fairseq count) and HuBERT Base's MACs from the same formula.")
     print(f"{'model':<14}{'params (M)':>11}{'paper (M)':>10}  {'counted':<24}{'GMACs/10s':>10}{'params %':>10}{'MACs %':>8}")
     for name in PRESETS:
-        student = build_student(name, Base)
+        student = build_student(name, base)
         paper, what = PAPER_PARAMS[name]
         with_heads = what != "without prediction heads"
         n = count_parameters(student, with_heads=with_heads)
