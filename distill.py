@@ -274,24 +274,22 @@ def distillation_loss(args, teacher, student, wav, lengths, step, rank=0, micro=
     # subtle: check the frame counts from the two conv stacks before any forward: the mask (masked
     # methods) and the history (GenDistiller) have the teacher's frame count, so a student with
     # another stride would otherwise stop inside its forward with a bare tensor-size error.
-    check_frames(model.conv_output_lengths(lengths, teacher.conv_layers), model.conv_output_lengths(lengths, cfg.conv_layers))
+    frames = model.conv_output_lengths(lengths, teacher.conv_layers)  # (B,) valid frames per utterance
+    check_frames(frames, model.conv_output_lengths(lengths, cfg.conv_layers))
     if args.method in ("distilhubert", "gendistiller"):
         t_layers, t_lengths = teacher(wav, lengths)
         targets = pick(t_layers)
         if args.method == "distilhubert":
-            preds, s_lengths = student(wav, lengths)
+            preds, _ = student(wav, lengths)
         else:  # teacher forcing feeds the true layers l_1..l_{K-1} as history; "self" runs free
             history = targets[:-1] if args.gen_feed == "teacher" else None
-            preds, s_lengths = student(wav, lengths, history=history)
-        check_frames(t_lengths, s_lengths)
+            preds, _ = student(wav, lengths, history=history)
         return losses.distilhubert_loss(preds, targets, t_lengths, args.cos_weight) if args.method == "distilhubert" \
             else losses.gendistiller_loss(preds, targets, t_lengths, args.cos_weight)
     # masked-input methods: one mask M per step, the student sees it, the teacher sees clean input
-    frames = model.conv_output_lengths(lengths, teacher.conv_layers)  # (B,) the teacher's frame counts
     mask = draw_mask(args, frames, int(frames.max()), step, micro, rank)  # (B, T) bool
     clean, t_lengths = teacher(wav, lengths)
-    preds, s_lengths = student(wav, lengths, mask=mask)
-    check_frames(t_lengths, s_lengths)
+    preds, _ = student(wav, lengths, mask=mask)
     if args.method == "armhubert":
         # unmasked frames imitate the teacher under the same corruption: a second teacher pass
         masked, _ = teacher(wav, lengths, mask=mask)
