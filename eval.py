@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import distill
 import model
 
 # ----------------------------------------------------------------------------
@@ -706,18 +707,6 @@ def time_it(fn, device, repeats, warmup=1):
     return statistics.median(times), peak_memory_mb(device)
 
 
-def distill_api():
-    """distill.py's API for one training step, or (None, reason) when it is not there."""
-    try:
-        import distill
-    except ImportError as e:
-        return None, f"distill.py cannot be imported ({e})"
-    missing = [n for n in ("parse_args", "build_student_for", "distillation_loss") if not hasattr(distill, n)]
-    if missing:
-        return None, f"distill.py lacks {', '.join(missing)}"
-    return distill, ""
-
-
 def run_speed(args):
     """Time every model on one batch of synthetic audio; print a markdown table. Returns the rows."""
     device = check_device(args.device)
@@ -743,10 +732,7 @@ def run_speed(args):
 
     # the student side runs under autocast like distill.py (--precision auto: bf16 on GPUs that
     # support it, fp32 on CPU); the teacher always computes in fp32 (model.Teacher disables autocast)
-    if args.precision == "auto":
-        amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    else:
-        amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp = distill.autocast_dtype(args, device)
     autocast = lambda: torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
     print(f"speed: batch {args.batch} x {args.seconds} s of noise on {device}, student precision "
           f"{amp or torch.float32}, median of {args.repeats} after {args.warmup} warm-up")
@@ -768,10 +754,7 @@ def run_speed(args):
     if args.skip_distill:
         skipped.append("distillation steps: --skip_distill")
     else:
-        distill, why = distill_api()
-        if distill is None:
-            skipped.append(f"distillation steps: {why}")
-        for method in (args.methods if distill is not None else ()):
+        for method in args.methods:
             # "--data synthetic" only satisfies the required flag; the batch here is our own
             d_args = distill.parse_args(["--method", method, "--data", "synthetic", "--seed", str(args.seed)])
             student = distill.build_student_for(d_args, teacher).to(device).train()
