@@ -556,7 +556,9 @@ class SelfAttention(nn.Module):
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(Dh)  # (B, H, T, T)
             scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
             attn = scores.softmax(dim=-1)  # (B, H, T, T), each row sums to 1 over allowed keys
-        out = F.dropout(attn, p, self.training) @ v  # (B, H, T, Dh); dropout on a copy, attn stays clean
+        # choice: dropout acts on a copy; the map handed to the next (reuse) layer is the clean,
+        # pre-dropout probability (the paper reuses "the attention map"; it does not say which)
+        out = F.dropout(attn, p, self.training) @ v  # (B, H, T, Dh)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.out_proj(out), (attn if need_attn else None)
 
