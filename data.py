@@ -615,7 +615,7 @@ def make_loader(dataset, sampler, num_workers=2, collate_fn=None):
 
 
 def compute_mask_indices(frame_lengths, max_frames, mask_prob, mask_length=10, mask_type="static", min_masks=2,
-                         no_overlap=False, min_space=1, require_same_masks=True, rng=None):
+                         no_overlap=False, min_space=1, require_same_masks=True, same_count_rows=None, rng=None):
     """Random spans of frames to mask: BoolTensor (B, max_frames) on CPU, True = masked.
 
     Per utterance b with T_b = frame_lengths[b] valid frames (fairseq semantics):
@@ -642,6 +642,11 @@ def compute_mask_indices(frame_lengths, max_frames, mask_prob, mask_length=10, m
       require_same_masks: drop random masked frames until every utterance has the batch's
         smallest masked count (fairseq's default True, used by HuBERT and ARMHuBERT), so
         the masked frames of a batch stack into a rectangle.
+      same_count_rows: with require_same_masks, equalise within groups of at most this many
+        rows (rows taken in length order) instead of over the whole batch; None = the whole
+        batch (fairseq). The minimum over many rows masks far less than mask_prob: ARMHuBERT's
+        official run equalised over its 18 utterances per GPU, so distill.py passes 18 and a
+        batch of 60 short rows realises about the share of the paper's batches (see README).
       rng: numpy Generator; None -> np.random.default_rng() (fresh entropy).
 
     Edge cases and our choices where fairseq is odd:
@@ -701,16 +706,19 @@ def compute_mask_indices(frame_lengths, max_frames, mask_prob, mask_length=10, m
             idx = _place_spans_overlapping(sz, span_lens, rng)
         masked.append(idx)
 
-    # require_same_masks: every (non-empty) row keeps the batch's smallest masked count
-    counts = [len(m) for m in masked if m is not None]
-    target = min(counts) if counts else 0
-    for b, idx in enumerate(masked):
-        if idx is None:
-            continue
-        if require_same_masks and len(idx) > target:
-            # note: as fairseq, frames are dropped at random, which can split a span in two
-            idx = rng.choice(idx, target, replace=False)
-        mask[b, idx] = True
+    # require_same_masks: every (non-empty) row keeps its group's smallest masked count; a group
+    # is the whole batch (fairseq) or, with same_count_rows = G, G rows of neighbouring lengths
+    rows = sorted((b for b in range(batch_size) if masked[b] is not None), key=lambda b: (lengths[b], b))
+    G = len(rows) if not same_count_rows else int(same_count_rows)
+    for g in range(0, len(rows), max(G, 1)):
+        group = rows[g : g + G]
+        target = min(len(masked[b]) for b in group)
+        for b in group:
+            idx = masked[b]
+            if require_same_masks and len(idx) > target:
+                # note: as fairseq, frames are dropped at random, which can split a span in two
+                idx = rng.choice(idx, target, replace=False)
+            mask[b, idx] = True
     return torch.from_numpy(mask)
 
 

@@ -54,26 +54,34 @@ class Recipe:
     accum: int  # micro-steps per optimizer step
     mask_prob: float  # 0 = the student never sees masked input
     mask_type: str = "uniform"
+    max_seconds: Optional[float] = None  # random crop of longer utterances (None: whole utterances)
+    # pre-LN teachers: does the last target include the encoder's final LayerNorm? (no-op for post-LN)
+    teacher_final_norm: bool = False
     source: str = ""
 
 
 RECIPES = {
     # DistilHuBERT (SPEC 1): batch 24 utterances (~295 s), 200k steps, lr 2e-4, 7 % warm-up, clip 5.
+    # s3prl crops utterances to 250,000 samples (15.625 s, pretrain/distiller config sequence_length)
+    # and reads teacher layers as its HuBERT upstream's hidden_states, whose last entry is the
+    # encoder output, after the final LayerNorm of a pre-LN teacher.
     "distilhubert": Recipe("distilhubert", 2e-4, (0.9, 0.98), 1e-6, 0.0, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
-                           source="DistilHuBERT paper / s3prl config"),
+                           max_seconds=15.625, teacher_final_norm=True, source="DistilHuBERT paper / s3prl config"),
     # ARMHuBERT (SPEC 2): 144 utterances per update (~1770 s) = 18 per GPU x 2 GPUs x accumulation 4
     # in the official 960 h config, here 8 micro-steps of ~221 s; 200 epochs = 1953 updates x 200.
-    # weight decay 0.01 per SPEC (note: the official armhubert-960.yaml sets 1e-6; use --weight_decay).
+    # Weight decay: the yaml says 1e-6, but s3prl's AdamW_with_schedule overrides it in its two
+    # parameter groups: 0.01 on every parameter whose name lacks "bias" (see param_groups), 0 on biases.
     # choice: clip 10.0 (fairseq's HuBERT value; the official config states none).
+    # Targets: forward hooks on the teacher's layers, i.e. block outputs without a final LayerNorm.
     "armhubert": Recipe("armhubert", 5e-3, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 390_600, 221.0, 8, 0.8,
                         source="Recycle-and-Distill paper + official armhubert-960.yaml"),
-    # CoLLD (SPEC 3): no public recipe. choice: ARMHuBERT's optimizer, batch and masking, with the
-    # maskhubert geometry's lr 5e-4 (the default student), and 200k steps.
+    # CoLLD (SPEC 3): no public recipe. choice: ARMHuBERT's optimizer, batch, masking and targets,
+    # with the maskhubert geometry's lr 5e-4 (the default student), and 200k steps.
     "colld": Recipe("colld", 5e-4, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 200_000, 221.0, 8, 0.8,
                     source="choice (no public recipe)"),
     # GenDistiller (SPEC 4): no public recipe. choice: the DistilHuBERT recipe it compares to.
     "gendistiller": Recipe("gendistiller", 2e-4, (0.9, 0.98), 1e-6, 0.0, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
-                           source="choice: DistilHuBERT's recipe"),
+                           max_seconds=15.625, teacher_final_norm=True, source="choice: DistilHuBERT's recipe"),
 }
 # SPEC 2: MaskHuBERT (no reuse) trains with lr 5e-4 instead of ARMHuBERT's 5e-3.
 PRESET_LR = {"maskhubert": 5e-4}
@@ -107,8 +115,9 @@ def build_parser():
     g.add_argument("--batch_seconds", type=float, default=None, help="seconds of audio per process per micro-step")
     g.add_argument("--accum", type=int, default=None, help="micro-steps (gradient accumulation) per optimizer step")
     g.add_argument("--max_seconds", type=float, default=None,
-                   help="random-crop utterances longer than this (choice: default none, whole utterances "
-                        "as in the papers' length buckets)")
+                   help="random-crop utterances longer than this (distilhubert/gendistiller: 15.625 s = s3prl's "
+                        "250,000 samples; armhubert/colld: whole utterances in length buckets, as the official code); "
+                        "0 = never crop")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     g = p.add_argument_group("optimisation (default: the method's recipe)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
@@ -132,6 +141,19 @@ def build_parser():
     g.add_argument("--mask_min_space", type=int, default=1, help="unmasked frames kept between spans")
     g.add_argument("--mask_min_masks", type=int, default=2, help="minimum spans per utterance")
     g.add_argument("--mask_overlap", action="store_true", help="allow spans to overlap (HuBERT) instead of no-overlap")
+    g.add_argument("--mask_same_rows", type=int, default=18,
+                   help="rows equalised to the same masked count, in length order (fairseq equalises the whole "
+                        "batch, which was the official 18 utterances per GPU); 0 = the whole batch")
+    g = p.add_argument_group("teacher targets")
+    g.add_argument("--target_norm", default="none", choices=["none", "layer_norm"],
+                   help="layer_norm: normalise every teacher target per frame over its dimension, without "
+                        "parameters (as data2vec's targets); for pre-LN teachers, whose layers grow with depth. "
+                        "none: the layers as they are (the papers, with post-LN HuBERT Base)")
+    g.add_argument("--teacher_final_norm", default=None, choices=["true", "false"],
+                   help="pre-LN teachers only: the last layer's target includes the encoder's final LayerNorm "
+                        "(true: s3prl hidden_states, transformers 4; false: fairseq/torchaudio extract_features "
+                        "and the official ARMHuBERT hooks). Default: true for distilhubert/gendistiller, false "
+                        "for armhubert/colld")
     g = p.add_argument_group("method details (choices the papers leave open, SPEC)")
     g.add_argument("--cos_weight", type=float, default=1.0, help="lambda of the -log sigmoid(cos) term (DistilHuBERT, GenDistiller)")
     g.add_argument("--last_layer_weight", type=float, default=1.0, help="ARMHuBERT weight of the last layer")
@@ -203,12 +225,16 @@ def parse_args(argv=None):
     defaults = dict(lr=PRESET_LR.get(args.student, recipe.lr), betas=recipe.betas, eps=recipe.eps,
                     weight_decay=recipe.weight_decay, warmup=recipe.warmup, clip=recipe.clip,
                     max_steps=recipe.max_steps, batch_seconds=recipe.batch_seconds, accum=recipe.accum,
-                    mask_prob=recipe.mask_prob, mask_type=recipe.mask_type,
+                    mask_prob=recipe.mask_prob, mask_type=recipe.mask_type, max_seconds=recipe.max_seconds,
+                    teacher_final_norm="true" if recipe.teacher_final_norm else "false",
                     log_every=100, save_every=5000, val_every=5000)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.betas = tuple(args.betas)
+    args.teacher_final_norm = args.teacher_final_norm == "true"
+    if args.mask_same_rows < 0:
+        raise SystemExit(f"error: --mask_same_rows {args.mask_same_rows}: expected >= 0 (0 = the whole batch)")
     if args.method in ("armhubert", "colld") and args.mask_prob <= 0:
         raise SystemExit(f"error: --method {args.method} distils from masked input; --mask_prob must be > 0")
     return args
@@ -241,8 +267,26 @@ def build_student_for(args, teacher):
     student = model.Student(cfg)
     if cfg.init_from_teacher:
         model.init_from_teacher(student, teacher)
+    elif cfg.init_conv_from_teacher:
+        model.init_conv_from_teacher(student, teacher)
     args.fit_notes = notes
     return student
+
+
+def select_targets(layers, target_layers, target_norm="none"):
+    """The distillation targets: teacher layer k = layers[k - 1] for k in target_layers.
+
+    target_norm "layer_norm" (--target_norm): each target frame normalised over the teacher
+    dimension without parameters, y = (t - mean_d t) / sqrt(var_d t + 1e-5) (as data2vec's targets).
+    A post-LN teacher (HuBERT Base) already ends every block in a LayerNorm, so this mainly matters
+    for pre-LN teachers (Large models, the kit teacher), whose residual stream grows with depth.
+    """
+    targets = [layers[k - 1] for k in target_layers]
+    if target_norm == "layer_norm":
+        targets = [torch.nn.functional.layer_norm(t, t.shape[-1:]) for t in targets]
+    elif target_norm != "none":
+        raise ValueError(f"target_norm={target_norm!r}: expected 'none' or 'layer_norm'")
+    return targets
 
 
 def draw_mask(args, frame_lengths, max_frames, step, micro, rank):
@@ -251,7 +295,8 @@ def draw_mask(args, frame_lengths, max_frames, step, micro, rank):
     rng = np.random.default_rng([args.seed, step, micro, rank])
     mask = data.compute_mask_indices(frame_lengths.cpu(), max_frames, args.mask_prob, args.mask_length,
                                      args.mask_type, min_masks=args.mask_min_masks,
-                                     no_overlap=not args.mask_overlap, min_space=args.mask_min_space, rng=rng)
+                                     no_overlap=not args.mask_overlap, min_space=args.mask_min_space,
+                                     same_count_rows=args.mask_same_rows or None, rng=rng)
     return mask.to(frame_lengths.device)
 
 
@@ -270,14 +315,15 @@ def distillation_loss(args, teacher, student, wav, lengths, step, rank=0, micro=
     whatever autocast region the caller opened. Targets: teacher layer k = layers[k - 1].
     """
     cfg = (student.module if hasattr(student, "module") else student).cfg
-    pick = lambda layers: [layers[k - 1] for k in cfg.target_layers]  # noqa: E731, teacher layer k -> list index k-1
+    pick = lambda layers: select_targets(layers, cfg.target_layers, args.target_norm)  # noqa: E731
+
     # subtle: check the frame counts from the two conv stacks before any forward: the mask (masked
     # methods) and the history (GenDistiller) have the teacher's frame count, so a student with
     # another stride would otherwise stop inside its forward with a bare tensor-size error.
     frames = model.conv_output_lengths(lengths, teacher.conv_layers)  # (B,) valid frames per utterance
     check_frames(frames, model.conv_output_lengths(lengths, cfg.conv_layers))
     if args.method in ("distilhubert", "gendistiller"):
-        t_layers, t_lengths = teacher(wav, lengths)
+        t_layers, t_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
         targets = pick(t_layers)
         if args.method == "distilhubert":
             preds, _ = student(wav, lengths)
@@ -288,18 +334,22 @@ def distillation_loss(args, teacher, student, wav, lengths, step, rank=0, micro=
             else losses.gendistiller_loss(preds, targets, t_lengths, args.cos_weight)
     # masked-input methods: one mask M per step, the student sees it, the teacher sees clean input
     mask = draw_mask(args, frames, int(frames.max()), step, micro, rank)  # (B, T) bool
-    clean, t_lengths = teacher(wav, lengths)
+    clean, t_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
     preds, _ = student(wav, lengths, mask=mask)
+    # logged with the loss parts (not part of the loss): the share of valid frames the student saw masked
+    share = {"mask_share": mask.sum() / frames.sum().clamp(min=1)}
     if args.method == "armhubert":
         # unmasked frames imitate the teacher under the same corruption: a second teacher pass
-        masked, _ = teacher(wav, lengths, mask=mask)
+        masked, _ = teacher(wav, lengths, mask=mask, final_norm=args.teacher_final_norm)
         L = len(preds)
         weights = [args.layer_weight] * (L - 1) + [args.last_layer_weight]
-        return losses.masking_distillation_loss(preds, pick(clean), pick(masked), mask, t_lengths, weights)
+        loss, parts = losses.masking_distillation_loss(preds, pick(clean), pick(masked), mask, t_lengths, weights)
+        return loss, {**parts, **share}
     seed = int(np.random.default_rng([args.seed, step, micro, rank]).integers(2 ** 62))  # CoLLD negatives
     gen = torch.Generator(device=wav.device).manual_seed(seed)  # drawn where the loss runs (GPU: no copy)
-    return losses.colld_loss(preds, pick(clean), mask, t_lengths, args.colld_negatives, args.colld_temperature,
-                             args.colld_include_unmasked, args.colld_l1_weight, generator=gen)
+    loss, parts = losses.colld_loss(preds, pick(clean), mask, t_lengths, args.colld_negatives, args.colld_temperature,
+                                    args.colld_include_unmasked, args.colld_l1_weight, generator=gen)
+    return loss, {**parts, **share}
 
 
 # ----------------------------------------------------------------------------

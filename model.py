@@ -145,10 +145,11 @@ TINY_TEACHER_CONFIG = dict(
 class Teacher(nn.Module):
     """A frozen torchaudio Wav2Vec2Model (HuBERT, WavLM, wav2vec 2.0) returning every layer.
 
-    teacher(wav, lengths, mask=None) -> (layers, frame_lengths)
+    teacher(wav, lengths, mask=None, final_norm=False) -> (layers, frame_lengths)
       wav (B, S) float, lengths (B,) samples, mask (B, T) bool frames to replace by the
       teacher's mask embedding right after the feature projection (fairseq HuBERT order);
-      layers: list of L tensors (B, T, D), layers[k-1] = output of transformer block k.
+      layers: list of L tensors (B, T, D), layers[k-1] = output of transformer block k;
+      final_norm: a pre-LN teacher's last layer goes through the encoder's final LayerNorm.
     The teacher is always in eval mode, without grad, layerdrop off, and runs in float32
     even inside an autocast region (SPEC section 0).
     """
@@ -192,7 +193,7 @@ class Teacher(nn.Module):
             return conv_front_end(self.model.feature_extractor.conv_layers, wav, lengths)
 
     @torch.no_grad()
-    def forward(self, wav, lengths, mask=None):
+    def forward(self, wav, lengths, mask=None, final_norm=False):
         with torch.autocast(wav.device.type, enabled=False):
             features, frame_lengths = self.cnn_features(wav, lengths)  # (B, T, C)
             encoder = self.model.encoder
@@ -212,6 +213,10 @@ class Teacher(nn.Module):
                     additive = (-10000.0 * pad[:, None, None, :].to(x.dtype)).expand(-1, 1, x.shape[1], -1)  # (B,1,T,T)
                     x, _ = layer(x, additive)
                 layers.append(x)  # layers[k-1] = output of block k
+            if final_norm and self.config["encoder_layer_norm_first"]:
+                # pre-LN models apply one more LayerNorm after the last block (s3prl's hidden_states[L]
+                # and transformers 4 include it; extract_features and the official ARMHuBERT hooks do not)
+                layers[-1] = encoder.transformer.layer_norm(layers[-1])
         return layers, frame_lengths
 
     def hidden_states(self, wav, lengths):
@@ -433,9 +438,18 @@ class StudentConfig:
     reuse: str = "none"  # "none" | "alternate": layers 2, 4, ... reuse the previous layer's attention map
     layer_norm_first: bool = False  # post-LN (HuBERT Base, the papers' students); True = pre-LN (Large)
     dropout: float = 0.1
-    attention_dropout: float = 0.1
+    attention_dropout: float = 0.1  # on the attention probabilities of layers that compute their own map
+    # official ARMHuBERT: a reuse layer multiplies the previous layer's map with the values without
+    # any dropout of its own (the map it receives is the pre-dropout probability)
+    reuse_attention_dropout: float = 0.0
     activation_dropout: float = 0.1
-    input_dropout: float = 0.1  # on the projected features, before masking (fairseq dropout_input)
+    input_dropout: float = 0.0  # on the projected features, before masking (fairseq dropout_input; presets set it)
+    feature_grad_mult: float = 1.0  # gradient into the conv front end is scaled by this (fairseq/s3prl; forward unchanged)
+    # ARMHuBERT official `layer_grad_scale` (see layer_grad_scales for the exact factors)
+    layer_grad_scale: bool = False
+    # "bert": fairseq/official: transformer Linears N(0, 0.02) with zero bias (init_bert_params),
+    # kaiming-normal conv kernels; "pytorch": nn defaults everywhere (this project before 2026-12)
+    init: str = "bert"
     fused_attention: bool = True  # scaled_dot_product_attention where no map is needed; False = explicit path
     official_reuse: bool = False  # re-apply softmax to the reused map like the official code (to load its checkpoints)
     # heads: "distilhubert" (shared + split heads on the last layer), "per_layer" (one Linear per
@@ -444,28 +458,38 @@ class StudentConfig:
     teacher_dim: int = 768
     target_layers: Tuple[int, ...] = ()  # teacher layer (1-based) predicted by each output; set by fit_to_teacher
     init_from_teacher: bool = False  # copy conv, projection, pos conv and the first layers from the teacher
+    # copy only the teacher's conv front end and its LayerNorm (the student keeps its own width, a
+    # Linear(C -> dim) projection is added); kit recipe for scratch students, not in the papers
+    init_conv_from_teacher: bool = False
 
 
 # Presets: the papers' numbers for a HuBERT Base teacher (768-d, 12 layers).
 PRESETS = {
     # DistilHuBERT, Chang et al. 2022, Table 1 / s3prl config: 2 layers, teacher-initialised, heads -> 4, 8, 12
+    # (s3prl config_model.yaml: no input dropout, feature_grad_mult 0.1)
     "distilhubert": StudentConfig(head="distilhubert", num_layers=2, mask_embedding=False,
-                                  target_layers=(4, 8, 12), init_from_teacher=True),
-    # Recycle-and-Distill Table 1 (ARMHuBERT): D 480, FFN 864, 12 layers, alternate reuse
+                                  target_layers=(4, 8, 12), init_from_teacher=True, feature_grad_mult=0.1),
+    # Recycle-and-Distill Table 1 (ARMHuBERT): D 480, FFN 864, 12 layers, alternate reuse;
+    # official armhubert-960.yaml: dropout_input 0.05, layer_grad_scale True
     "armhubert": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
-                               ffn_dim=864, num_layers=12, reuse="alternate"),
-    # Recycle-and-Distill Table 1 (ARMHuBERT-S): D 432, FFN 816
+                               ffn_dim=864, num_layers=12, reuse="alternate", input_dropout=0.05,
+                               layer_grad_scale=True),
+    # Recycle-and-Distill Table 1 (ARMHuBERT-S): D 432, FFN 816 (official armhubert-S yaml as above)
     "armhubert-s": StudentConfig(conv_layers=armhubert_conv(432), feature_projection=False, dim=432,
-                                 ffn_dim=816, num_layers=12, reuse="alternate"),
-    # Recycle-and-Distill Table 1 (MaskHuBERT, the no-reuse ablation): D 480, FFN 640
+                                 ffn_dim=816, num_layers=12, reuse="alternate", input_dropout=0.05,
+                                 layer_grad_scale=True),
+    # Recycle-and-Distill Table 1 (MaskHuBERT, the no-reuse ablation): D 480, FFN 640;
+    # official maskhubert yaml: dropout_input 0.05, layer_grad_scale False
     "maskhubert": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
-                                ffn_dim=640, num_layers=12),
-    # CoLLD: no size in the paper; choice (SPEC 3): the maskhubert geometry, to compare at equal size
+                                ffn_dim=640, num_layers=12, input_dropout=0.05),
+    # CoLLD: no size in the paper; choice (SPEC 3): the maskhubert geometry and settings, to
+    # compare with ARMHuBERT at equal size
     "colld": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
-                           ffn_dim=640, num_layers=12),
-    # GenDistiller: choice (SPEC 4): DistilHuBERT front end, a 2-layer 768-d generator over slots
+                           ffn_dim=640, num_layers=12, input_dropout=0.05),
+    # GenDistiller: choice (SPEC 4): DistilHuBERT front end (and its settings), a 2-layer
+    # 768-d generator over slots
     "gendistiller": StudentConfig(head="generator", num_layers=2, mask_embedding=False,
-                                  target_layers=(4, 8, 12), init_from_teacher=True),
+                                  target_layers=(4, 8, 12), init_from_teacher=True, feature_grad_mult=0.1),
 }
 # The papers' parameter figures (millions) and what they count.
 PAPER_PARAMS = {"distilhubert": (23.49, "without prediction heads"), "armhubert": (26.45, "with heads"),
@@ -484,6 +508,8 @@ def fit_to_teacher(cfg, teacher):
       for a 24-layer teacher), unless the user set them.
     - init_from_teacher: DistilHuBERT's student IS the teacher's front end and first layers,
       so conv, width, FFN, heads, positional conv and layer order come from the teacher.
+    - init_conv_from_teacher: only the conv stack (and its norm mode) comes from the teacher; the
+      student keeps its width and gets a LayerNorm(C) + Linear(C -> dim) projection.
     """
     c = teacher.config
     new = dict(teacher_dim=teacher.dim)
@@ -492,6 +518,9 @@ def fit_to_teacher(cfg, teacher):
         new["target_layers"] = tuple(max(1, math.floor(i * L_t / cfg.num_layers + 0.5)) for i in range(1, cfg.num_layers + 1))
     elif any(t > L_t for t in cfg.target_layers) or cfg.target_layers == (4, 8, 12):
         new["target_layers"] = tuple(max(1, math.floor(t * L_t / 12 + 0.5)) for t in (4, 8, 12))
+    if cfg.init_conv_from_teacher and not cfg.init_from_teacher:
+        new.update(conv_layers=[tuple(x) for x in c["extractor_conv_layer_config"]],
+                   conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"], feature_projection=True)
     if cfg.init_from_teacher:
         new.update(conv_layers=[tuple(x) for x in c["extractor_conv_layer_config"]],
                    conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"],
@@ -569,7 +598,8 @@ class TransformerLayer(nn.Module):
     def __init__(self, cfg: StudentConfig, reuse=False):
         super().__init__()
         self.layer_norm_first = cfg.layer_norm_first
-        self.attention = SelfAttention(cfg.dim, cfg.num_heads, cfg.attention_dropout, reuse,
+        attention_dropout = cfg.reuse_attention_dropout if reuse else cfg.attention_dropout
+        self.attention = SelfAttention(cfg.dim, cfg.num_heads, attention_dropout, reuse,
                                        cfg.fused_attention, cfg.official_reuse)
         self.layer_norm = nn.LayerNorm(cfg.dim)  # after attention (post-LN) / before it (pre-LN)
         self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim)
@@ -593,6 +623,39 @@ class TransformerLayer(nn.Module):
             x = self.layer_norm(x)
             x = self.final_layer_norm(x + self.ffn(x))
         return x, attn
+
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` backward (fairseq's GradMultiply)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def layer_grad_scales(num_layers):
+    """Official ARMHuBERT `layer_grad_scale` factors m_i = (N - i) / (N + 1 - i), i = 0..N-1 (0-based):
+    12/13, 11/12, ..., 1/2 for N = 12. After layer i the output x_i is replaced by GradMultiply(x_i, m_i),
+    which feeds layer i + 1, and layer i's head reads GradMultiply(that, 1 - m_i). The head's copy is
+    built on the already scaled tensor (as the official code), so the gradient reaching x_i is
+    m_i * (gradient from above) + m_i * (1 - m_i) * (gradient from head i)."""
+    return [(num_layers - i) / (num_layers + 1 - i) for i in range(num_layers)]
+
+
+def init_bert_params(module):
+    """fairseq's init_bert_params, as the official ARMHuBERT code and s3prl apply it to the transformer
+    encoder only: every Linear weight N(0, 0.02), zero bias. (The conv front end gets fairseq's
+    kaiming-normal kernels in Student.__init__; the positional conv keeps its N(0, sqrt(4 / (k * D)));
+    the projection, heads and mask embedding keep PyTorch's defaults, as in the official code.)"""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class Student(nn.Module):
@@ -665,6 +728,12 @@ class Student(nn.Module):
             self.out_proj = nn.ModuleList(nn.Linear(D, Dt) for _ in range(K))
         else:
             raise ValueError(f"head={cfg.head!r}: expected 'distilhubert', 'per_layer' or 'generator'")
+        if cfg.init == "bert":
+            self.layers.apply(init_bert_params)
+            for block in self.conv_layers:  # fairseq ConvFeatureExtractionModel
+                nn.init.kaiming_normal_(block.conv.weight)
+        elif cfg.init != "pytorch":
+            raise ValueError(f"init={cfg.init!r}: expected 'bert' or 'pytorch'")
 
     # --- front end: wav -> features -> transformer input X0
     def cnn_features(self, wav, lengths):
@@ -674,6 +743,8 @@ class Student(nn.Module):
     def front_end(self, wav, lengths, mask=None):
         """X0 (B, T, D), pad (B, T) bool, frame_lengths (B,)."""
         features, frame_lengths = self.cnn_features(wav, lengths)  # (B, T, C)
+        if self.cfg.feature_grad_mult != 1.0:
+            features = ScaleGrad.apply(features, self.cfg.feature_grad_mult)  # (fairseq feature_grad_mult)
         x = self.feature_norm(features)
         if self.feature_proj is not None:
             x = self.feature_proj(x)  # (B, T, D)
@@ -696,11 +767,16 @@ class Student(nn.Module):
     def encode(self, x, pad):
         """Run the layers over time; returns the N layer outputs, each (B, T, D)."""
         allowed = ~pad[:, None, None, :]  # (B, 1, 1, T): every query may look at every valid key
+        scales = layer_grad_scales(len(self.layers)) if self.cfg.layer_grad_scale else None
         hiddens, attn = [], None
         for i, layer in enumerate(self.layers):
             next_reuses = i + 1 < len(self.layers) and self.reuses[i + 1]
             x, attn = layer(x, allowed, prev_attn=attn, need_attn=next_reuses)
-            hiddens.append(x)
+            if scales is None:
+                hiddens.append(x)
+            else:  # same values, gradients rescaled exactly as the official code (layer_grad_scales)
+                x = ScaleGrad.apply(x, scales[i])  # feeds layer i + 1
+                hiddens.append(ScaleGrad.apply(x, 1.0 - scales[i]))  # feeds head i, built on the scaled x
         return hiddens
 
     # --- GenDistiller generator (SPEC 4)
@@ -829,6 +905,23 @@ def init_from_teacher(student, teacher):
            for s, t in mapping.items() if s not in s_state or t not in t_state or s_state[s].shape != t_state[t].shape]
     if bad:
         raise ValueError("init_from_teacher: student and teacher shapes do not fit:\n  " + "\n  ".join(bad[:20]))
+    for s, t in mapping.items():
+        s_state[s].copy_(t_state[t])
+    return sorted(mapping)
+
+
+@torch.no_grad()
+def init_conv_from_teacher(student, teacher):
+    """Copy only the teacher's conv front end and the LayerNorm on its features (kit recipe for
+    scratch students: --init_conv_from_teacher=true). The projection to the student's width, the
+    positional conv and the layers stay as initialised. Returns the copied student keys."""
+    mapping = {s: t for s, t in teacher_to_student_keys(teacher, 0).items()
+               if s.startswith(("conv_layers.", "feature_norm."))}
+    s_state, t_state = student.state_dict(), teacher.model.state_dict()
+    bad = [f"{s} {tuple(s_state[s].shape) if s in s_state else 'missing'} <- {t} {tuple(t_state[t].shape)}"
+           for s, t in mapping.items() if s not in s_state or s_state[s].shape != t_state[t].shape]
+    if bad:
+        raise ValueError("init_conv_from_teacher: student and teacher conv shapes do not fit:\n  " + "\n  ".join(bad[:20]))
     for s, t in mapping.items():
         s_state[s].copy_(t_state[t])
     return sorted(mapping)
