@@ -236,7 +236,11 @@ def parse_args(argv=None):
     if args.mask_same_rows < 0:
         raise SystemExit(f"error: --mask_same_rows {args.mask_same_rows}: expected >= 0 (0 = the whole batch)")
     if args.method in ("armhubert", "colld") and args.mask_prob <= 0:
-        raise SystemExit(f"error: --method {args.method} distils from masked input; --mask_prob must be > 0")
+        if args.mask_prob < 0 or (args.method == "colld" and not args.colld_include_unmasked):
+            raise SystemExit(f"error: --mask_prob {args.mask_prob}: --method {args.method} needs a share in (0, 1] "
+                             "(0, no masking, is allowed as an ablation for armhubert, and for colld with "
+                             "--colld_include_unmasked)")
+        args.applied.append("mask_prob=0: no masking (ablation, not the paper's method)")
     return args
 
 
@@ -340,7 +344,8 @@ def distillation_loss(args, teacher, student, wav, lengths, step, rank=0, micro=
     share = {"mask_share": mask.sum() / frames.sum().clamp(min=1)}
     if args.method == "armhubert":
         # unmasked frames imitate the teacher under the same corruption: a second teacher pass
-        masked, _ = teacher(wav, lengths, mask=mask, final_norm=args.teacher_final_norm)
+        # (no frame masked, as with the --mask_prob 0 ablation: both passes would be the same)
+        masked = teacher(wav, lengths, mask=mask, final_norm=args.teacher_final_norm)[0] if mask.any() else clean
         L = len(preds)
         weights = [args.layer_weight] * (L - 1) + [args.last_layer_weight]
         loss, parts = losses.masking_distillation_loss(preds, pick(clean), pick(masked), mask, t_lengths, weights)
@@ -511,7 +516,9 @@ def lr_at(step, args):
 
 def param_groups(student, weight_decay):
     # choice: weight decay only on matrices and conv kernels; biases, norm gains, the mask and
-    # slot embeddings and weight-norm gains (all 1-D or gain-shaped) are not decayed.
+    # slot embeddings and weight-norm gains (all 1-D or gain-shaped) are not decayed. (The official
+    # ARMHuBERT run, through s3prl's optimizer, decayed every parameter whose name lacks "bias",
+    # so fairseq's `layer_norm` gains, mask_emb and the weight-norm gain too.)
     decay = [p for n, p in student.named_parameters() if p.ndim >= 2 and "original0" not in n and "slot_emb" not in n]
     ids = {id(p) for p in decay}
     rest = [p for p in student.parameters() if id(p) not in ids]
