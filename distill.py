@@ -417,7 +417,8 @@ def check_resumable(ckpt, path, args, cfg, world):
         problems.append(f"student config differs in {diff}")
     if len(ckpt["position"]) != world:
         problems.append(f"written by {len(ckpt['position'])} process(es), resumed with {world}")
-    for name in ("max_steps", "lr", "warmup", "accum", "batch_seconds", "seed"):
+    for name in ("max_steps", "lr", "warmup", "accum", "batch_seconds", "seed", "max_seconds", "mask_prob",
+                 "mask_same_rows", "target_norm", "teacher_final_norm"):
         if name in ckpt["args"] and ckpt["args"][name] != getattr(args, name):
             problems.append(f"--{name} {ckpt['args'][name]} != {getattr(args, name)}")
     if problems:

@@ -2049,6 +2049,8 @@ def test_distill_resume_refuses_a_different_run(tmp_path):
     distill.main(argv)
     with pytest.raises(SystemExit, match=r"--lr 0.005 != 0.001"):
         distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--lr", "1e-3"])
+    with pytest.raises(SystemExit, match=r"--target_norm none != layer_norm"):
+        distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--target_norm", "layer_norm"])
     with pytest.raises(SystemExit, match="not a distill.py training checkpoint"):
         torch.save({"x": torch.ones(1)}, str(tmp_path / "other.pt"))
         distill.main(argv + ["--resume", str(tmp_path / "other.pt")])
@@ -2259,3 +2261,24 @@ def test_mask_share_matches_the_official_batches_within_005():
     assert c[0] == c[2] and c[1] == c[3]
     args = distill.parse_args(["--method", "armhubert", "--data", "x"])
     assert args.mask_same_rows == 18
+
+
+def test_distill_mask_prob_0_is_a_plain_mse_ablation(tiny_teacher, monkeypatch):
+    base = ["--teacher", "tiny", "--data", "synthetic", "--mask_prob", "0"]
+    with pytest.raises(SystemExit, match="--colld_include_unmasked"):
+        distill.parse_args(["--method", "colld"] + base)
+    with pytest.raises(SystemExit, match="--mask_prob -0.5"):
+        distill.parse_args(["--method", "armhubert", "--teacher", "tiny", "--data", "synthetic", "--mask_prob", "-0.5"])
+    args = distill.parse_args(["--method", "armhubert"] + base + _DT_SMALL)
+    assert any("no masking" in a for a in args.applied)
+    student = distill.build_student_for(args, tiny_teacher)
+    calls = []
+    real = type(tiny_teacher).forward
+    monkeypatch.setattr(type(tiny_teacher), "forward", lambda self, *a, **k: calls.append(k.get("mask")) or real(self, *a, **k))
+    wav, lengths = _dt_batch()
+    loss, parts = distill.distillation_loss(args, tiny_teacher, student, wav, lengths, step=0)
+    assert len(calls) == 1 and calls[0] is None  # one clean teacher pass, no masked one
+    assert float(parts["masked"]) == 0.0 and float(parts["mask_share"]) == 0.0 and float(loss.detach()) > 0
+    args = distill.parse_args(["--method", "armhubert", "--teacher", "tiny", "--data", "synthetic"] + _DT_SMALL)
+    _, parts = distill.distillation_loss(args, tiny_teacher, student, wav, lengths, step=0)
+    assert 0.3 < float(parts["mask_share"]) < 0.9  # logged with the loss parts
