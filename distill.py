@@ -412,15 +412,19 @@ def check_resumable(ckpt, path, args, cfg, world):
     problems = []
     if ckpt["method"] != args.method:
         problems.append(f"method {ckpt['method']} != {args.method}")
-    if ckpt["config"] != dataclasses.asdict(cfg):
-        diff = [k for k, v in dataclasses.asdict(cfg).items() if ckpt["config"].get(k) != v]
+    saved = dataclasses.asdict(model.config_from_dict(ckpt["config"]))  # older checkpoints: fields filled in
+    if saved != dataclasses.asdict(cfg):
+        diff = [k for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v]
         problems.append(f"student config differs in {diff}")
     if len(ckpt["position"]) != world:
         problems.append(f"written by {len(ckpt['position'])} process(es), resumed with {world}")
+    # flags added in 2026-12: a checkpoint without them ran with these values
+    legacy = dict(mask_same_rows=0, target_norm="none", teacher_final_norm=False)
     for name in ("max_steps", "lr", "warmup", "accum", "batch_seconds", "seed", "max_seconds", "mask_prob",
                  "mask_same_rows", "target_norm", "teacher_final_norm"):
-        if name in ckpt["args"] and ckpt["args"][name] != getattr(args, name):
-            problems.append(f"--{name} {ckpt['args'][name]} != {getattr(args, name)}")
+        saved = ckpt["args"].get(name, legacy.get(name, getattr(args, name)))
+        if saved != getattr(args, name):
+            problems.append(f"--{name} {saved} != {getattr(args, name)}")
     if problems:
         raise SystemExit(f"error: --resume {path} belongs to a different run: {'; '.join(problems)}. "
                          "Resume with the same flags, or use a fresh --out.")
@@ -578,6 +582,11 @@ def main(argv=None):
     for note in args.applied + [f"student {n}" for n in args.fit_notes] + \
             [f"student {k}={v} (--{k})" for k, v in args.overrides.items()]:
         say(f"  override: {note}")
+    if teacher.config["encoder_layer_norm_first"] and args.target_norm == "none" and args.method in ("armhubert", "colld"):
+        # note: the README's kit ablation: with a pre-LN teacher, ARMHuBERT's per-layer MSE on raw
+        # targets stayed near the loss of predicting each dimension's mean; normalised targets learned
+        say("  warning: pre-LN teacher (its layers grow with depth) and raw targets; per-layer MSE on such "
+            "targets barely learned in the README's kit ablation. Consider --target_norm layer_norm.")
 
     # --- data
     dataset, sampler, loader = make_data(args, args.data, rank, world, args.seed)

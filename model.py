@@ -81,6 +81,16 @@ def masked_instance_norm(x, valid, norm):
     return (x * norm.weight[None, :, None] + norm.bias[None, :, None]).to(dtype)
 
 
+def standardize_waveform(wav, lengths):
+    """Per-utterance zero mean, unit variance over the valid samples (what Large / XLS-R teachers
+    were trained on; fairseq `normalize: True`). wav (B, S), lengths (B,) samples."""
+    valid = (~padding_mask(lengths, wav.shape[1])).float()  # (B, S)
+    n = valid.sum(1, keepdim=True).clamp(min=1)
+    mean = (wav * valid).sum(1, keepdim=True) / n
+    var = (((wav - mean) * valid) ** 2).sum(1, keepdim=True) / n
+    return (wav - mean) / torch.sqrt(var + 1e-5) * valid
+
+
 def conv_front_end(blocks, wav, lengths):
     """Run a HuBERT-style conv stack on a padded batch; works on student and torchaudio blocks.
 
@@ -183,13 +193,8 @@ class Teacher(nn.Module):
         """Conv front end output (B, T, C) and frame_lengths: the `cnn:` floor of eval.py."""
         with torch.autocast(wav.device.type, enabled=False):
             wav = wav.float()
-            if self.normalize_waveform:
-                # Large/XLS-R models were trained on per-utterance standardised audio.
-                valid = (~padding_mask(lengths, wav.shape[1])).float()  # (B, S)
-                n = valid.sum(1, keepdim=True).clamp(min=1)
-                mean = (wav * valid).sum(1, keepdim=True) / n
-                var = (((wav - mean) * valid) ** 2).sum(1, keepdim=True) / n
-                wav = (wav - mean) / torch.sqrt(var + 1e-5) * valid
+            if self.normalize_waveform:  # Large/XLS-R models were trained on per-utterance standardised audio
+                wav = standardize_waveform(wav, lengths)
             return conv_front_end(self.model.feature_extractor.conv_layers, wav, lengths)
 
     @torch.no_grad()
@@ -460,7 +465,11 @@ class StudentConfig:
     init_from_teacher: bool = False  # copy conv, projection, pos conv and the first layers from the teacher
     # copy only the teacher's conv front end and its LayerNorm (the student keeps its own width, a
     # Linear(C -> dim) projection is added); kit recipe for scratch students, not in the papers
+    # (ignored when init_from_teacher copies the whole front end anyway)
     init_conv_from_teacher: bool = False
+    # standardise each utterance before the conv: set by fit_to_teacher when the conv comes from a
+    # teacher that expects it (Large / XLS-R models)
+    normalize_waveform: bool = False
 
 
 # Presets: the papers' numbers for a HuBERT Base teacher (768-d, 12 layers).
@@ -521,6 +530,8 @@ def fit_to_teacher(cfg, teacher):
     if cfg.init_conv_from_teacher and not cfg.init_from_teacher:
         new.update(conv_layers=[tuple(x) for x in c["extractor_conv_layer_config"]],
                    conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"], feature_projection=True)
+    if cfg.init_conv_from_teacher or cfg.init_from_teacher:  # a copied conv expects the teacher's input
+        new["normalize_waveform"] = teacher.normalize_waveform
     if cfg.init_from_teacher:
         new.update(conv_layers=[tuple(x) for x in c["extractor_conv_layer_config"]],
                    conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"],
@@ -585,8 +596,8 @@ class SelfAttention(nn.Module):
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(Dh)  # (B, H, T, T)
             scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
             attn = scores.softmax(dim=-1)  # (B, H, T, T), each row sums to 1 over allowed keys
-        # choice: dropout acts on a copy; the map handed to the next (reuse) layer is the clean,
-        # pre-dropout probability (the paper reuses "the attention map"; it does not say which)
+        # dropout acts on a copy; the map handed to the next (reuse) layer is the clean, pre-dropout
+        # probability (the paper says "the attention map"; the official code hands on the pre-dropout one)
         out = F.dropout(attn, p, self.training) @ v  # (B, H, T, Dh)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.out_proj(out), (attn if need_attn else None)
@@ -738,6 +749,8 @@ class Student(nn.Module):
     # --- front end: wav -> features -> transformer input X0
     def cnn_features(self, wav, lengths):
         """(B, T, C) conv features and frame_lengths (the `cnn:` floor in eval.py)."""
+        if self.cfg.normalize_waveform:
+            wav = standardize_waveform(wav.float(), lengths).to(wav.dtype)
         return conv_front_end(self.conv_layers, wav, lengths)
 
     def front_end(self, wav, lengths, mask=None):
@@ -937,9 +950,15 @@ def load_student(path, device="cpu"):
     return student.to(device).eval()
 
 
+# Fields added in 2026-12 (issue 9), with the behaviour a checkpoint written before them had.
+LEGACY_CONFIG = dict(init="pytorch", feature_grad_mult=1.0, layer_grad_scale=False, init_conv_from_teacher=False,
+                     normalize_waveform=False)
+
+
 def config_from_dict(d):
-    """StudentConfig from its asdict() form (tuples come back as lists from a checkpoint)."""
-    d = dict(d)
+    """StudentConfig from its asdict() form (tuples come back as lists from a checkpoint).
+    A checkpoint written before a field existed gets the behaviour it was trained with."""
+    d = {**LEGACY_CONFIG, "reuse_attention_dropout": d.get("attention_dropout", 0.1), **d}
     d["conv_layers"] = [tuple(c) for c in d["conv_layers"]]
     d["target_layers"] = tuple(d["target_layers"])
     return StudentConfig(**d)

@@ -2225,6 +2225,13 @@ def test_teacher_final_norm_matches_torchaudio_forward():
     assert distill.parse_args(["--method", "armhubert", "--data", "x", "--teacher_final_norm", "true"]).teacher_final_norm
 
 
+def test_recipe_crops_follow_s3prl_and_the_official_code():
+    assert distill.parse_args(["--method", "distilhubert", "--data", "x"]).max_seconds * 16000 == 250_000
+    assert distill.parse_args(["--method", "gendistiller", "--data", "x"]).max_seconds == 15.625
+    assert distill.parse_args(["--method", "armhubert", "--data", "x"]).max_seconds is None
+    assert distill.parse_args(["--method", "colld", "--data", "x", "--max_seconds", "4"]).max_seconds == 4
+
+
 def _mask_share(batches, same_count_rows, rng):
     masked = valid = 0
     for frames in batches:
@@ -2258,7 +2265,7 @@ def test_mask_share_matches_the_official_batches_within_005():
     m = data.compute_mask_indices(np.array([100, 300, 120, 280]), 300, 0.8, 10, "uniform", 2, True, 1,
                                   same_count_rows=2, rng=rng)
     c = m.sum(1).tolist()
-    assert c[0] == c[2] and c[1] == c[3]
+    assert c[0] == c[2] and c[1] == c[3] and c[0] < c[1]
     args = distill.parse_args(["--method", "armhubert", "--data", "x"])
     assert args.mask_same_rows == 18
 
@@ -2282,3 +2289,39 @@ def test_distill_mask_prob_0_is_a_plain_mse_ablation(tiny_teacher, monkeypatch):
     args = distill.parse_args(["--method", "armhubert", "--teacher", "tiny", "--data", "synthetic"] + _DT_SMALL)
     _, parts = distill.distillation_loss(args, tiny_teacher, student, wav, lengths, step=0)
     assert 0.3 < float(parts["mask_share"]) < 0.9  # logged with the loss parts
+
+
+def test_teacher_final_norm_wavlm_and_old_checkpoints(tmp_path):
+    cfg = dict(_MT_WAVLM_CFG, encoder_layer_norm_first=True)
+    torch.manual_seed(0)
+    ta = torchaudio.models.wavlm_model(**cfg, aux_num_out=None).eval()
+    teacher = model.teacher_from_checkpoint({"config": dict(cfg, aux_num_out=None), "state_dict": ta.state_dict(),
+                                             "mask_emb": torch.zeros(cfg["encoder_embed_dim"])})
+    wav, lengths = _mt_wav([6000], seed=7)
+    with torch.no_grad():
+        final, _ = teacher(wav, lengths, final_norm=True)
+        plain, _ = teacher(wav, lengths)
+        out, _ = ta(wav)
+        feats, _ = ta.extract_features(wav)
+    assert torch.allclose(final[-1], out, atol=1e-4) and torch.allclose(plain[-1], feats[-1], atol=1e-4)
+    # a checkpoint written before the 2026-12 fields rebuilds with the behaviour it was trained with
+    old = model.config_to_dict(PRESETS["armhubert"])
+    for k in ("init", "feature_grad_mult", "layer_grad_scale", "init_conv_from_teacher", "normalize_waveform",
+              "reuse_attention_dropout"):
+        old.pop(k)
+    cfg = model.config_from_dict(old)
+    assert cfg.init == "pytorch" and cfg.reuse_attention_dropout == cfg.attention_dropout and not cfg.layer_grad_scale
+
+
+def test_copied_conv_standardises_audio_like_its_teacher(tiny_teacher):
+    cfg = replace(PRESETS["armhubert"], dim=32, ffn_dim=64, num_heads=4, num_layers=2, init_conv_from_teacher=True)
+    teacher = model.teacher_from_checkpoint({**model.tiny_teacher_checkpoint(0), "normalize_waveform": True})
+    cfg, _ = fit_to_teacher(cfg, teacher)
+    assert cfg.normalize_waveform
+    student = Student(cfg).eval()
+    model.init_conv_from_teacher(student, teacher)
+    wav, lengths = _mt_wav([5000, 3000], seed=8, garbage=False)
+    with torch.no_grad():
+        a, _ = student.cnn_features(3.0 * wav, lengths)
+        b, _ = teacher.cnn_features(3.0 * wav, lengths)
+    assert torch.allclose(a, b, atol=1e-5)
