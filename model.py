@@ -360,11 +360,13 @@ def bundle_config(name):
 
 
 def bundle_description(name):
-    """What fit_to_teacher reads of a teacher (config, dim, num_layers), for a bundle, without building it."""
+    """What fit_to_teacher reads of a teacher (config, dim, num_layers, normalize_waveform), for a
+    bundle, without building it."""
     import types
 
-    config, _ = bundle_config(name)
-    return types.SimpleNamespace(config=config, dim=config["encoder_embed_dim"], num_layers=config["encoder_num_layers"])
+    config, normalize = bundle_config(name)
+    return types.SimpleNamespace(config=config, dim=config["encoder_embed_dim"], num_layers=config["encoder_num_layers"],
+                                 normalize_waveform=normalize)
 
 
 def tiny_teacher_checkpoint(seed=0):

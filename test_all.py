@@ -1258,7 +1258,7 @@ def test_model_generator_teacher_forcing_uses_history(tiny_teacher):
 
 class _MtBase:  # a HuBERT Base-sized teacher description (as model.main builds it)
     config = dict(torchaudio.pipelines.HUBERT_BASE._params)
-    dim, num_layers = 768, 12
+    dim, num_layers, normalize_waveform = 768, 12, False
 
 
 def test_model_parameter_counts_match_the_papers():
