@@ -422,9 +422,9 @@ def check_resumable(ckpt, path, args, cfg, world):
     legacy = dict(mask_same_rows=0, target_norm="none", teacher_final_norm=False)
     for name in ("max_steps", "lr", "warmup", "accum", "batch_seconds", "seed", "max_seconds", "mask_prob",
                  "mask_same_rows", "target_norm", "teacher_final_norm"):
-        saved = ckpt["args"].get(name, legacy.get(name, getattr(args, name)))
-        if saved != getattr(args, name):
-            problems.append(f"--{name} {saved} != {getattr(args, name)}")
+        old = ckpt["args"].get(name, legacy.get(name, getattr(args, name)))
+        if old != getattr(args, name):
+            problems.append(f"--{name} {old} != {getattr(args, name)}")
     if problems:
         raise SystemExit(f"error: --resume {path} belongs to a different run: {'; '.join(problems)}. "
                          "Resume with the same flags, or use a fresh --out.")

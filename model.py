@@ -455,7 +455,8 @@ class StudentConfig:
     # ARMHuBERT official `layer_grad_scale` (see layer_grad_scales for the exact factors)
     layer_grad_scale: bool = False
     # "bert": fairseq/official: transformer Linears N(0, 0.02) with zero bias (init_bert_params),
-    # kaiming-normal conv kernels; "pytorch": nn defaults everywhere (this project before 2026-12)
+    # kaiming-normal conv kernels; "pytorch": nn defaults there (this project before 2026-12); the
+    # positional conv and mask embedding keep their fairseq inits in both
     init: str = "bert"
     fused_attention: bool = True  # scaled_dot_product_attention where no map is needed; False = explicit path
     official_reuse: bool = False  # re-apply softmax to the reused map like the official code (to load its checkpoints)
@@ -529,15 +530,12 @@ def fit_to_teacher(cfg, teacher):
         new["target_layers"] = tuple(max(1, math.floor(i * L_t / cfg.num_layers + 0.5)) for i in range(1, cfg.num_layers + 1))
     elif any(t > L_t for t in cfg.target_layers) or cfg.target_layers == (4, 8, 12):
         new["target_layers"] = tuple(max(1, math.floor(t * L_t / 12 + 0.5)) for t in (4, 8, 12))
-    if cfg.init_conv_from_teacher and not cfg.init_from_teacher:
+    if cfg.init_conv_from_teacher or cfg.init_from_teacher:  # the conv is the teacher's, fed what it expects
         new.update(conv_layers=[tuple(x) for x in c["extractor_conv_layer_config"]],
-                   conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"], feature_projection=True)
-    if cfg.init_conv_from_teacher or cfg.init_from_teacher:  # a copied conv expects the teacher's input
-        new["normalize_waveform"] = teacher.normalize_waveform
+                   conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"], feature_projection=True,
+                   normalize_waveform=teacher.normalize_waveform)
     if cfg.init_from_teacher:
-        new.update(conv_layers=[tuple(x) for x in c["extractor_conv_layer_config"]],
-                   conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"],
-                   feature_projection=True, dim=teacher.dim, ffn_dim=c["encoder_ff_interm_features"],
+        new.update(dim=teacher.dim, ffn_dim=c["encoder_ff_interm_features"],
                    num_heads=c["encoder_num_heads"], pos_conv_kernel=c["encoder_pos_conv_kernel"],
                    pos_conv_groups=c["encoder_pos_conv_groups"], layer_norm_first=c["encoder_layer_norm_first"])
     notes = [f"{k}: {getattr(cfg, k)} -> {v} (fitted to teacher)" for k, v in new.items() if getattr(cfg, k) != v]
@@ -913,16 +911,8 @@ def init_from_teacher(student, teacher):
     if teacher.is_wavlm:
         raise ValueError("init_from_teacher copies HuBERT-style layers; WavLM attention differs "
                          "(gated relative position bias). Pass --init_from_teacher=false.")
-    s_state, t_state = student.state_dict(), teacher.model.state_dict()
     mapping = teacher_to_student_keys(teacher, min(student.cfg.num_layers, teacher.num_layers))
-    bad = [f"{s} {tuple(s_state[s].shape) if s in s_state else 'missing'} <- {t} "
-           f"{tuple(t_state[t].shape) if t in t_state else 'missing'}"
-           for s, t in mapping.items() if s not in s_state or t not in t_state or s_state[s].shape != t_state[t].shape]
-    if bad:
-        raise ValueError("init_from_teacher: student and teacher shapes do not fit:\n  " + "\n  ".join(bad[:20]))
-    for s, t in mapping.items():
-        s_state[s].copy_(t_state[t])
-    return sorted(mapping)
+    return copy_from_teacher(student, teacher, mapping, "init_from_teacher: student and teacher shapes")
 
 
 @torch.no_grad()
@@ -932,11 +922,19 @@ def init_conv_from_teacher(student, teacher):
     positional conv and the layers stay as initialised. Returns the copied student keys."""
     mapping = {s: t for s, t in teacher_to_student_keys(teacher, 0).items()
                if s.startswith(("conv_layers.", "feature_norm."))}
+    return copy_from_teacher(student, teacher, mapping, "init_conv_from_teacher: student and teacher conv shapes")
+
+
+@torch.no_grad()
+def copy_from_teacher(student, teacher, mapping, what):
+    """Copy teacher tensors into the student by `mapping` (student key -> teacher key), after checking
+    every shape; raises "`what` do not fit", listing the mismatches. Returns the copied student keys."""
     s_state, t_state = student.state_dict(), teacher.model.state_dict()
-    bad = [f"{s} {tuple(s_state[s].shape) if s in s_state else 'missing'} <- {t} {tuple(t_state[t].shape)}"
-           for s, t in mapping.items() if s not in s_state or s_state[s].shape != t_state[t].shape]
+    bad = [f"{s} {tuple(s_state[s].shape) if s in s_state else 'missing'} <- {t} "
+           f"{tuple(t_state[t].shape) if t in t_state else 'missing'}"
+           for s, t in mapping.items() if s not in s_state or t not in t_state or s_state[s].shape != t_state[t].shape]
     if bad:
-        raise ValueError("init_conv_from_teacher: student and teacher conv shapes do not fit:\n  " + "\n  ".join(bad[:20]))
+        raise ValueError(f"{what} do not fit:\n  " + "\n  ".join(bad[:20]))
     for s, t in mapping.items():
         s_state[s].copy_(t_state[t])
     return sorted(mapping)
