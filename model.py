@@ -701,6 +701,8 @@ class Student(nn.Module):
         self.conv_layers = nn.ModuleList(blocks)
         C = c_in
         if cfg.feature_projection:
+            # choice: a LayerNorm on the conv features before the projection, as HuBERT (teacher-initialised
+            # students copy the teacher's); s3prl's DistilHuBERT has none and feeds raw features to the copy
             self.feature_norm = nn.LayerNorm(C)
             self.feature_proj = nn.Linear(C, D)
         else:
