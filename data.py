@@ -40,38 +40,56 @@ import torch
 import torchaudio
 
 # ----------------------------------------------------------------------------
-# 1. Conventions shared by every file (SPEC section 0)
+# 1. Conventions shared by every file (SPEC section 0): sample rate, frame count, padding
+#
+# The HuBERT conv stack has a total stride of 320 samples (20 ms) and a receptive field of
+# 400 samples (25 ms), so an utterance of L samples gives floor((L - 400) / 320) + 1 frames,
+# and none below 400 samples. Every network returns `frame_lengths` (valid frames per
+# utterance); padding is always expressed by `valid_frames`, True on real frames.
 
 SAMPLE_RATE = 16000  # Hz; every waveform in this project is mono float32 at this rate
-FRAME_RECEPTIVE_FIELD = 400  # samples (25 ms) seen by one output frame of the conv stack
-FRAME_STRIDE = 320  # samples (20 ms) between frames: product of the 7 conv strides 5*2*2*2*2*2*2
-MIN_SAMPLES = FRAME_RECEPTIVE_FIELD  # the shortest input that still gives one frame
+# HuBERT / wav2vec 2.0 conv front end, (channels, kernel, stride) per layer: total stride
+# 5*2*2*2*2*2*2 = 320 samples, receptive field 400. Students with other convs keep both.
+HUBERT_CONV = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+MIN_SAMPLES = 400  # the shortest input that gives one frame (the receptive field)
 
 AUDIO_EXTENSIONS = (".flac", ".wav")  # what scan_audio collects (case-insensitive)
 
 
-def frame_count(num_samples):
-    """Frames the wav2vec2/HuBERT conv front end gives for `num_samples` samples.
+def frame_count(num_samples, conv_layers=HUBERT_CONV):
+    """Frames a conv front end of `conv_layers` (channels, kernel, stride) gives for `num_samples`.
 
-    frames = floor((L - 400) / 320) + 1 for L >= 400, else 0. This is the length rule of a
-    stack of unpadded convolutions with total receptive field 400 and total stride 320.
-    Works on a Python int, a numpy integer array or a torch integer tensor (e.g. the
-    `lengths` that collate returns) and returns the same kind.
+    Each unpadded conv maps n to floor((n - kernel) / stride) + 1 (0 when n < kernel); for
+    HUBERT_CONV that is floor((L - 400) / 320) + 1 for L >= 400, else 0. The one frame-count
+    formula of the project: the data pipeline, both conv stacks, the frame check of distill.py
+    and the MAC count use it. Works on a Python int, a numpy integer array or a torch integer
+    tensor (e.g. the `lengths` that collate returns) and returns the same kind.
     """
     if isinstance(num_samples, torch.Tensor):
         if num_samples.is_floating_point():
             raise TypeError(f"frame_count: expected an integer tensor of sample counts, got dtype {num_samples.dtype}")
-        # note: floor division of a negative number rounds down, so every L < 400 lands at
-        # <= 0 frames before the clamp; the clamp turns those into exactly 0.
-        frames = torch.div(num_samples - FRAME_RECEPTIVE_FIELD, FRAME_STRIDE, rounding_mode="floor") + 1
-        return frames.clamp(min=0)
-    if isinstance(num_samples, np.ndarray):
+        at_least_0 = lambda n: n.clamp(min=0)  # noqa: E731
+    elif isinstance(num_samples, np.ndarray):
         if not np.issubdtype(num_samples.dtype, np.integer):
             raise TypeError(f"frame_count: expected an integer array of sample counts, got dtype {num_samples.dtype}")
-        return np.maximum((num_samples - FRAME_RECEPTIVE_FIELD) // FRAME_STRIDE + 1, 0)
-    if isinstance(num_samples, (int, np.integer)) and not isinstance(num_samples, bool):
-        return max(0, (int(num_samples) - FRAME_RECEPTIVE_FIELD) // FRAME_STRIDE + 1)
-    raise TypeError(f"frame_count: expected an int or integer tensor/array of sample counts, got {type(num_samples).__name__}")
+        at_least_0 = lambda n: np.maximum(n, 0)  # noqa: E731
+    elif isinstance(num_samples, (int, np.integer)) and not isinstance(num_samples, bool):
+        num_samples, at_least_0 = int(num_samples), lambda n: max(n, 0)  # noqa: E731
+    else:
+        raise TypeError(f"frame_count: expected an int or integer tensor/array of sample counts, "
+                        f"got {type(num_samples).__name__}")
+    n = num_samples
+    for _, kernel, stride in conv_layers:
+        # note: floor division of a negative number rounds down, so n < kernel lands at <= 0
+        # before the clamp; the clamp turns those into exactly 0
+        n = at_least_0((n - kernel) // stride + 1)
+    return n
+
+
+def valid_frames(frame_lengths, max_frames):
+    """(B, T) bool, True at the valid frames t < frame_lengths[b] of a padded batch, T = max_frames."""
+    t = torch.arange(max_frames, device=frame_lengths.device)  # (T,)
+    return t[None, :] < frame_lengths[:, None]  # (B, T)
 
 
 def resampled_length(num_frames, sample_rate):

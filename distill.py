@@ -3,10 +3,13 @@
 One file, read top to bottom (method reference: ../shared/SPEC.md):
   1. the papers' recipes (optimizer, schedule, batch, masking) per --method        SPEC 1-4
   2. the command line: recipe defaults, grouped flags, --key=value student overrides
-  3. the per-method distillation loss (teacher forward, student forward, losses.py)
+  3. one step per method (step_distilhubert, step_armhubert, step_colld, step_gendistiller):
+     its teacher passes, its mask, its loss (losses.py), chosen from the STEPS table
   4. checkpoints: atomic writes, exact resume
-  5. the loop: lr schedule, teacher (no grad, float32), student (autocast), loss,
-     backward, clip, step, log, validate, checkpoint. Runs alone or under torchrun (DDP).
+  5. the loop, in the order it runs: setup (teacher, student, data, optimizer, resume), then
+     per step: lr schedule, accum micro-batches (teacher no grad in float32, student under
+     autocast), clip, optimizer step; progress, validation, checkpoints. Runs alone or under
+     torchrun (DDP); the loop never branches on the method.
 
 Examples:
     python distill.py --method gendistiller --teacher tiny --data synthetic      # ~1 min on CPU
@@ -83,6 +86,8 @@ RECIPES = {
     "gendistiller": Recipe("gendistiller", 2e-4, (0.9, 0.98), 1e-6, 0.0, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
                            max_seconds=15.625, teacher_final_norm=True, source="choice: DistilHuBERT's recipe"),
 }
+# The methods whose student sees span-masked input (SPEC 2, 3).
+MASKED_INPUT = ("armhubert", "colld")
 # SPEC 2: MaskHuBERT (no reuse) trains with lr 5e-4 instead of ARMHuBERT's 5e-3.
 PRESET_LR = {"maskhubert": 5e-4}
 
@@ -235,7 +240,7 @@ def parse_args(argv=None):
     args.teacher_final_norm = args.teacher_final_norm == "true"
     if args.mask_same_rows < 0:
         raise SystemExit(f"error: --mask_same_rows {args.mask_same_rows}: expected >= 0 (0 = the whole batch)")
-    if args.method in ("armhubert", "colld") and args.mask_prob <= 0:
+    if args.method in MASKED_INPUT and args.mask_prob <= 0:
         if args.mask_prob < 0 or (args.method == "colld" and not args.colld_include_unmasked):
             raise SystemExit(f"error: --mask_prob {args.mask_prob}: --method {args.method} needs a share in (0, 1] "
                              "(0, no masking, is allowed as an ablation for armhubert, and for colld with "
@@ -245,36 +250,31 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------
-# 3. The distillation loss of each method
+# 3. One step of each method: its teacher passes, its mask, its loss
+#
+# Each step_METHOD(args, teacher, student, wav, lengths, seeds) returns (loss, parts) for one
+# micro-batch: wav (B, S), lengths (B,) samples; seeds = [seed, step, micro-step, rank] seeds
+# the masks and CoLLD's negatives, so a resumed run redraws them exactly. The teacher runs
+# without grad in float32 (inside Teacher.forward); the student runs in whatever autocast
+# region the caller opened. Targets: teacher layer k = layers[k - 1] (model.py section 1).
 # ----------------------------------------------------------------------------
 
 
 def build_student_for(args, teacher):
-    """The --student preset with the --FIELD overrides, fitted to the teacher (and copied from it)."""
-    cfg = dataclasses.replace(model.PRESETS[args.student], **args.overrides)
-    notes = []
-    if "dim" in args.overrides and "conv_layers" not in args.overrides and not cfg.feature_projection:
-        # ARMHuBERT-style front ends end in `dim` channels: resize the conv list with the width
-        cfg = dataclasses.replace(cfg, conv_layers=model.armhubert_conv(cfg.dim))
-        notes.append(f"conv_layers -> {cfg.conv_layers} (follows --dim)")
-    cfg, fit_notes = model.fit_to_teacher(cfg, teacher)
-    notes += fit_notes
-    for key in args.overrides:  # a user's explicit choice wins over fitting (init then checks shapes)
-        cfg = dataclasses.replace(cfg, **{key: args.overrides[key]})
-    bad = [k for k in cfg.target_layers if not 1 <= k <= teacher.num_layers]
-    if bad:
-        raise SystemExit(f"error: --target_layers {list(cfg.target_layers)}: layers {bad} do not exist; the teacher "
-                         f"has layers 1..{teacher.num_layers} (layer k = output of block k; 0, the transformer "
-                         "input, is never a target)")
-    if args.method in ("armhubert", "colld") and not cfg.mask_embedding:
+    """The run's student: model.build_student with the --student preset and --FIELD overrides,
+    fitted to (and, where the preset says so, copied from) the teacher. Returns (student, notes)."""
+    try:
+        student, notes = model.build_student(args.student, teacher, args.overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if args.method in MASKED_INPUT and not student.cfg.mask_embedding:
         raise SystemExit(f"error: --method {args.method} masks the student input; --mask_embedding=false is not allowed")
-    student = model.Student(cfg)
-    if cfg.init_from_teacher:
-        model.init_from_teacher(student, teacher)
-    elif cfg.init_conv_from_teacher:
-        model.init_conv_from_teacher(student, teacher)
-    args.fit_notes = notes
-    return student
+    return student, notes
+
+
+def unwrap(student):
+    """The student module itself, also when DistributedDataParallel wraps it."""
+    return student.module if hasattr(student, "module") else student
 
 
 def select_targets(layers, target_layers, target_norm="none"):
@@ -293,15 +293,72 @@ def select_targets(layers, target_layers, target_norm="none"):
     return targets
 
 
-def draw_mask(args, frame_lengths, max_frames, step, micro, rank):
-    """The micro-batch's span mask (B, T), seeded by (seed, step, micro-step, rank): a resumed run
-    redraws it exactly, and the micro-batches of one update get different masks."""
-    rng = np.random.default_rng([args.seed, step, micro, rank])
+def draw_mask(args, frame_lengths, max_frames, seeds):
+    """The micro-batch's span mask (B, T), seeded by `seeds` = [seed, step, micro-step, rank]: a
+    resumed run redraws it exactly, and the micro-batches of one update get different masks."""
+    rng = np.random.default_rng(seeds)
     mask = data.compute_mask_indices(frame_lengths.cpu(), max_frames, args.mask_prob, args.mask_length,
                                      args.mask_type, min_masks=args.mask_min_masks,
                                      no_overlap=not args.mask_overlap, min_space=args.mask_min_space,
                                      same_count_rows=args.mask_same_rows or None, rng=rng)
     return mask.to(frame_lengths.device)
+
+
+def step_distilhubert(args, teacher, student, wav, lengths, seeds):
+    """DistilHuBERT (SPEC 1): clean teacher layers 4, 8, 12; L1 + cosine on the heads' predictions."""
+    layers, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
+    targets = select_targets(layers, unwrap(student).cfg.target_layers, args.target_norm)
+    preds, _ = student(wav, lengths)
+    return losses.distilhubert_loss(preds, targets, frame_lengths, args.cos_weight)
+
+
+def step_gendistiller(args, teacher, student, wav, lengths, seeds):
+    """GenDistiller (SPEC 4): teacher forcing feeds the true layers l_1..l_{K-1} as history
+    (--gen_feed teacher); --gen_feed self runs the generator free; DistilHuBERT's loss on each output."""
+    layers, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
+    targets = select_targets(layers, unwrap(student).cfg.target_layers, args.target_norm)
+    history = targets[:-1] if args.gen_feed == "teacher" else None
+    preds, _ = student(wav, lengths, history=history)
+    return losses.gendistiller_loss(preds, targets, frame_lengths, args.cos_weight)
+
+
+def step_armhubert(args, teacher, student, wav, lengths, seeds):
+    """ARMHuBERT masking distillation (SPEC 2): one span mask M; the student sees the masked input;
+    masked frames regress the teacher on clean input, unmasked frames the teacher on the same
+    masked input (a second teacher pass)."""
+    target_layers = unwrap(student).cfg.target_layers
+    frames = data.frame_count(lengths, teacher.conv_layers)  # (B,) valid frames
+    mask = draw_mask(args, frames, int(frames.max()), seeds)  # (B, T) bool
+    clean, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
+    # with no frame masked (the --mask_prob 0 ablation) both passes would be the same
+    masked = teacher(wav, lengths, mask=mask, final_norm=args.teacher_final_norm)[0] if mask.any() else clean
+    preds, _ = student(wav, lengths, mask=mask)
+    weights = [args.layer_weight] * (len(preds) - 1) + [args.last_layer_weight]
+    loss, parts = losses.masking_distillation_loss(preds, select_targets(clean, target_layers, args.target_norm),
+                                                   select_targets(masked, target_layers, args.target_norm),
+                                                   mask, frame_lengths, weights)
+    # logged with the loss parts (not part of the loss): the share of valid frames the student saw masked
+    return loss, {**parts, "mask_share": mask.sum() / frames.sum().clamp(min=1)}
+
+
+def step_colld(args, teacher, student, wav, lengths, seeds):
+    """CoLLD (SPEC 3): one span mask M; the student sees the masked input; InfoNCE between each
+    student layer and its teacher layer on clean input, at the masked frames."""
+    target_layers = unwrap(student).cfg.target_layers
+    frames = data.frame_count(lengths, teacher.conv_layers)  # (B,) valid frames
+    mask = draw_mask(args, frames, int(frames.max()), seeds)  # (B, T) bool
+    clean, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
+    preds, _ = student(wav, lengths, mask=mask)
+    seed = int(np.random.default_rng(seeds).integers(2 ** 62))  # the negatives' own stream
+    gen = torch.Generator(device=wav.device).manual_seed(seed)  # drawn where the loss runs (GPU: no copy)
+    loss, parts = losses.colld_loss(preds, select_targets(clean, target_layers, args.target_norm), mask,
+                                    frame_lengths, args.colld_negatives, args.colld_temperature,
+                                    args.colld_include_unmasked, args.colld_l1_weight, generator=gen)
+    return loss, {**parts, "mask_share": mask.sum() / frames.sum().clamp(min=1)}
+
+
+STEPS = {"distilhubert": step_distilhubert, "armhubert": step_armhubert, "colld": step_colld,
+         "gendistiller": step_gendistiller}
 
 
 def check_frames(teacher_lengths, student_lengths):
@@ -312,49 +369,15 @@ def check_frames(teacher_lengths, student_lengths):
 
 
 def distillation_loss(args, teacher, student, wav, lengths, step, rank=0, micro=0):
-    """(loss, parts) of one batch for args.method. wav (B, S), lengths (B,) samples.
-    (step, micro, rank) seed the masks and CoLLD negatives.
+    """(loss, parts) of one micro-batch for args.method: the method's step from STEPS.
 
-    The teacher runs without grad in float32 (inside Teacher.forward); the student runs in
-    whatever autocast region the caller opened. Targets: teacher layer k = layers[k - 1].
+    subtle: the frame counts of the two conv stacks are checked before any forward: the mask
+    (masked methods) and the history (GenDistiller) have the teacher's frame count, so a student
+    with another stride would otherwise stop inside its forward with a bare tensor-size error.
     """
-    cfg = (student.module if hasattr(student, "module") else student).cfg
-    pick = lambda layers: select_targets(layers, cfg.target_layers, args.target_norm)  # noqa: E731
-
-    # subtle: check the frame counts from the two conv stacks before any forward: the mask (masked
-    # methods) and the history (GenDistiller) have the teacher's frame count, so a student with
-    # another stride would otherwise stop inside its forward with a bare tensor-size error.
-    frames = model.conv_output_lengths(lengths, teacher.conv_layers)  # (B,) valid frames per utterance
-    check_frames(frames, model.conv_output_lengths(lengths, cfg.conv_layers))
-    if args.method in ("distilhubert", "gendistiller"):
-        t_layers, t_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
-        targets = pick(t_layers)
-        if args.method == "distilhubert":
-            preds, _ = student(wav, lengths)
-        else:  # teacher forcing feeds the true layers l_1..l_{K-1} as history; "self" runs free
-            history = targets[:-1] if args.gen_feed == "teacher" else None
-            preds, _ = student(wav, lengths, history=history)
-        return losses.distilhubert_loss(preds, targets, t_lengths, args.cos_weight) if args.method == "distilhubert" \
-            else losses.gendistiller_loss(preds, targets, t_lengths, args.cos_weight)
-    # masked-input methods: one mask M per step, the student sees it, the teacher sees clean input
-    mask = draw_mask(args, frames, int(frames.max()), step, micro, rank)  # (B, T) bool
-    clean, t_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
-    preds, _ = student(wav, lengths, mask=mask)
-    # logged with the loss parts (not part of the loss): the share of valid frames the student saw masked
-    share = {"mask_share": mask.sum() / frames.sum().clamp(min=1)}
-    if args.method == "armhubert":
-        # unmasked frames imitate the teacher under the same corruption: a second teacher pass
-        # (no frame masked, as with the --mask_prob 0 ablation: both passes would be the same)
-        masked = teacher(wav, lengths, mask=mask, final_norm=args.teacher_final_norm)[0] if mask.any() else clean
-        L = len(preds)
-        weights = [args.layer_weight] * (L - 1) + [args.last_layer_weight]
-        loss, parts = losses.masking_distillation_loss(preds, pick(clean), pick(masked), mask, t_lengths, weights)
-        return loss, {**parts, **share}
-    seed = int(np.random.default_rng([args.seed, step, micro, rank]).integers(2 ** 62))  # CoLLD negatives
-    gen = torch.Generator(device=wav.device).manual_seed(seed)  # drawn where the loss runs (GPU: no copy)
-    loss, parts = losses.colld_loss(preds, pick(clean), mask, t_lengths, args.colld_negatives, args.colld_temperature,
-                                    args.colld_include_unmasked, args.colld_l1_weight, generator=gen)
-    return loss, {**parts, **share}
+    check_frames(data.frame_count(lengths, teacher.conv_layers),
+                 data.frame_count(lengths, unwrap(student).cfg.conv_layers))
+    return STEPS[args.method](args, teacher, student, wav, lengths, [args.seed, step, micro, rank])
 
 
 # ----------------------------------------------------------------------------
@@ -459,7 +482,8 @@ def check_output_dir(out, student):
 
 
 # ----------------------------------------------------------------------------
-# 5. The training loop
+# 5. The training loop, in the order it runs: setup, then steps (each: lr, accum micro-batches,
+#    clip, optimizer step), progress lines, validation, checkpoints
 # ----------------------------------------------------------------------------
 
 
@@ -483,8 +507,7 @@ def make_data(args, source, rank, world, seed, shuffle=True):
     if source == "synthetic":
         corpus = data.SyntheticSpeech(seed=seed)
     else:
-        items, report = data.scan_audio(source, verbose=rank == 0)  # bad files: counted and named
-        corpus = items
+        corpus, _ = data.scan_audio(source, verbose=rank == 0)  # bad files: counted and named
     max_samples = int(args.max_seconds * data.SAMPLE_RATE) if args.max_seconds else None
     dataset = data.AudioDataset(corpus, max_samples=max_samples, seed=seed, skip_bad=True)
     sampler = data.LengthBucketSampler(dataset.lengths, int(args.batch_seconds * data.SAMPLE_RATE),
@@ -540,6 +563,152 @@ def autocast_dtype(args, device):
     return torch.float16
 
 
+@dataclass
+class Run:
+    """What one training run holds; setup() makes it, train() advances it, save_checkpoint() writes it."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    teacher: model.Teacher
+    student: torch.nn.Module  # DistributedDataParallel-wrapped under torchrun
+    raw: torch.nn.Module  # the student itself: checkpoints store its state_dict
+    sampler: object
+    loader: object
+    val_loader: object
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: Optional[torch.dtype]  # student autocast dtype, None = fp32
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # batches of this epoch consumed
+    skipped: int = 0  # non-finite steps skipped (--skip_nonfinite)
+
+    def say(self, *a):
+        if self.rank == 0:
+            print(*a, flush=True)
+
+
+def setup(args):
+    """Distributed init, teacher, student, output folder, data, optimizer, resume, in this order."""
+    rank, world, device = setup_distributed(args)
+    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    teacher = model.load_teacher(args.teacher, device)
+    student, fit_notes = build_student_for(args, teacher)
+    raw = student.to(device)
+    if rank > 0:
+        # every rank built the same initial weights from args.seed; from here on each rank draws
+        # its own dropout noise (rank 0 keeps exactly the stream of a single-process run)
+        torch.manual_seed(args.seed + rank)
+    check_output_dir(args.out, raw)
+    if rank == 0:  # partial files of a run killed mid-save: never loaded, safe to delete
+        for stale in glob.glob(os.path.join(args.out, "ckpt-*.pt.tmp.*")):
+            os.remove(stale)
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    say(f"method {args.method} (recipe: {RECIPES[args.method].source}), teacher {args.teacher} "
+        f"({teacher.num_layers} layers, {teacher.dim}-d), student {args.student}: "
+        f"{model.count_parameters(raw) / 1e6:.2f}M parameters, targets = teacher layers {list(raw.cfg.target_layers)}")
+    for note in args.applied + [f"student {n}" for n in fit_notes] + \
+            [f"student {k}={v} (--{k})" for k, v in args.overrides.items()]:
+        say(f"  override: {note}")
+    if teacher.config["encoder_layer_norm_first"] and args.target_norm == "none" and args.method in MASKED_INPUT:
+        # note: the README's kit ablation: with a pre-LN teacher, ARMHuBERT's per-layer MSE on raw
+        # targets stayed near the loss of predicting each dimension's mean; normalised targets learned
+        say("  warning: pre-LN teacher (its layers grow with depth) and raw targets; per-layer MSE on such "
+            "targets barely learned in the README's kit ablation. Consider --target_norm layer_norm.")
+
+    dataset, sampler, loader = make_data(args, args.data, rank, world, args.seed)
+    val_loader = None
+    if args.val:
+        # every rank validates on the whole held-out set (rank 0 prints it), not on a shard
+        _, _, val_loader = make_data(args, args.val, 0, 1, seed=args.seed + 1, shuffle=False)
+    say(f"data: {len(dataset)} utterances, {len(sampler)} batches of <= {args.batch_seconds:g} s per rank per "
+        f"epoch; {world} process(es) x accum {args.accum}")
+
+    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=args.betas, eps=args.eps)
+    amp = autocast_dtype(args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    run = Run(args, rank, world, device, teacher, student, raw, sampler, loader, val_loader, optimizer, scaler, amp)
+    resume(run)
+    if world > 1:
+        run.student = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    run.student.train()
+    return run
+
+
+def resume(run):
+    """Load the --resume checkpoint (if any) into the run: weights, optimizer, scaler, step, data
+    position and this rank's RNG state."""
+    path = find_resume(run.args)
+    if not path:
+        return
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    check_resumable(ckpt, path, run.args, run.raw.cfg, run.world)
+    run.raw.load_state_dict(model.upgrade_state_dict(ckpt["student"], run.raw.cfg))
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.step, run.epoch, run.position = ckpt["step"], ckpt["epoch"], ckpt["position"][run.rank]
+    set_rng_state(ckpt["rng"][run.rank])
+    run.say(f"resumed from {path} at step {run.step} (epoch {run.epoch}, batch {run.position})")
+
+
+def optimizer_step(run, stream, lr):
+    """One update: `accum` micro-batches forward/backward, unscale, clip, then the optimizer step
+    (or a skip of a non-finite one). Returns (loss, parts, grad norm, audio seconds, stepped)."""
+    args, device, amp = run.args, run.device, run.amp
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss, step_parts, audio_s = 0.0, {}, 0.0  # this update's loss and its parts, over micro-steps
+    for micro in range(args.accum):
+        run.epoch, run.position, wav, lengths = next(stream)
+        wav, lengths = wav.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
+        sync = contextlib.nullcontext() if run.world == 1 or micro == args.accum - 1 else run.student.no_sync()
+        try:
+            with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, parts = distillation_loss(args, run.teacher, run.student, wav, lengths, run.step, run.rank, micro)
+                # choice: each micro-batch's loss is already a mean over its own valid frames;
+                # micro-batches (and, through DDP's gradient mean, ranks) then weigh equally,
+                # as in s3prl and the official ARMHuBERT code (fairseq divides by the update's
+                # total frame count instead)
+                run.scaler.scale(loss / args.accum).backward()
+        except torch.OutOfMemoryError:
+            if run.world > 1:
+                dist.destroy_process_group()  # the other ranks fail instead of waiting forever
+            raise SystemExit(f"error: out of memory at step {run.step} on a batch of {len(lengths)} utterances, "
+                             f"{float(lengths.sum()) / data.SAMPLE_RATE:.0f} s of audio; lower --batch_seconds "
+                             f"(now {args.batch_seconds:g}) and raise --accum (now {args.accum}) to keep the "
+                             "effective batch, or set --max_seconds")
+        for k, v in parts.items():
+            step_parts[k] = step_parts.get(k, 0.0) + float(v) / args.accum
+        step_loss += loss.item() / args.accum
+        audio_s += float(lengths.sum()) / data.SAMPLE_RATE * run.world
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), args.clip)
+    # note: with fp16 an inf gradient is the scaler's business (it skips the step and lowers its
+    # scale); a non-finite loss, or a non-finite gradient in bf16/fp32, is a real divergence
+    bad = not math.isfinite(step_loss) or (not math.isfinite(float(grad_norm)) and amp != torch.float16)
+    if run.world > 1:  # decide together: one rank stopping alone would leave the others waiting
+        flag = torch.tensor(float(bad), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    if bad:
+        detail = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+        if not args.skip_nonfinite:
+            last = checkpoint_paths(args.out)
+            raise SystemExit(f"error: non-finite loss or gradient at step {run.step} (loss {step_loss:.4g}, "
+                             f"{detail}, grad norm {float(grad_norm):.4g}); stopped without saving. Last good "
+                             f"checkpoint: {last[-1] if last else 'none'}. Lower --lr or use --skip_nonfinite.")
+        run.skipped += 1
+        run.say(f"warning: step {run.step}: non-finite loss/gradient ({detail}); skipped ({run.skipped} so far)")
+    else:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return step_loss, step_parts, float(grad_norm), audio_s, not bad
+
+
 @torch.no_grad()
 def validate(args, teacher, student, val_loader, device):
     """Mean held-out distillation loss over the fixed validation batches (eval mode, fixed masks)."""
@@ -558,172 +727,77 @@ def validate(args, teacher, student, val_loader, device):
     return total / max(n, 1)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup_distributed(args)
-    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+def save_checkpoint(run):
+    """Write ckpt-STEP.pt atomically on rank 0 with every rank's RNG state and data position (gathered)
+    so each rank resumes exactly; keep the newest --keep."""
+    args = run.args
+    state = {"rng": rng_state(), "position": run.position}
+    states = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(states, state)
+    else:
+        states = [state]
+    if run.rank == 0:
+        atomic_save({"format": 1, "method": args.method, "teacher": args.teacher, "step": run.step, "epoch": run.epoch,
+                     "position": [s["position"] for s in states], "rng": [s["rng"] for s in states],
+                     "config": dataclasses.asdict(run.raw.cfg), "student": run.raw.state_dict(),
+                     "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}},
+                    os.path.join(args.out, f"ckpt-{run.step:08d}.pt"))
+        for old in checkpoint_paths(args.out)[:-args.keep]:
+            os.remove(old)
+    if run.world > 1:
+        dist.barrier()
 
-    # --- teacher and student
-    teacher = model.load_teacher(args.teacher, device)
-    student = build_student_for(args, teacher).to(device)
-    raw = student  # the unwrapped module: checkpoints store its state_dict
-    if rank > 0:
-        # every rank built the same initial weights from args.seed; from here on each rank draws
-        # its own dropout noise (rank 0 keeps exactly the stream of a single-process run)
-        torch.manual_seed(args.seed + rank)
-    check_output_dir(args.out, raw)
-    if rank == 0:  # partial files of a run killed mid-save: never loaded, safe to delete
-        for stale in glob.glob(os.path.join(args.out, "ckpt-*.pt.tmp.*")):
-            os.remove(stale)
-    say(f"method {args.method} (recipe: {RECIPES[args.method].source}), teacher {args.teacher} "
-        f"({teacher.num_layers} layers, {teacher.dim}-d), student {args.student}: "
-        f"{model.count_parameters(raw) / 1e6:.2f}M parameters, targets = teacher layers {list(raw.cfg.target_layers)}")
-    for note in args.applied + [f"student {n}" for n in args.fit_notes] + \
-            [f"student {k}={v} (--{k})" for k, v in args.overrides.items()]:
-        say(f"  override: {note}")
-    if teacher.config["encoder_layer_norm_first"] and args.target_norm == "none" and args.method in ("armhubert", "colld"):
-        # note: the README's kit ablation: with a pre-LN teacher, ARMHuBERT's per-layer MSE on raw
-        # targets stayed near the loss of predicting each dimension's mean; normalised targets learned
-        say("  warning: pre-LN teacher (its layers grow with depth) and raw targets; per-layer MSE on such "
-            "targets barely learned in the README's kit ablation. Consider --target_norm layer_norm.")
 
-    # --- data
-    dataset, sampler, loader = make_data(args, args.data, rank, world, args.seed)
-    val_loader = None
-    if args.val:
-        # every rank validates on the whole held-out set (rank 0 prints it), not on a shard
-        _, _, val_loader = make_data(args, args.val, 0, 1, seed=args.seed + 1, shuffle=False)
-    say(f"data: {len(dataset)} utterances, {len(sampler)} batches of <= {args.batch_seconds:g} s per rank per "
-        f"epoch; {world} process(es) x accum {args.accum}")
-
-    # --- optimizer and precision
-    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=args.betas, eps=args.eps)
-    amp = autocast_dtype(args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-
-    # --- resume
-    step, epoch, position = 0, 0, 0
-    path = find_resume(args)
-    if path:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        check_resumable(ckpt, path, args, raw.cfg, world)
-        raw.load_state_dict(ckpt["student"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, position = ckpt["step"], ckpt["epoch"], ckpt["position"][rank]
-        set_rng_state(ckpt["rng"][rank])
-        say(f"resumed from {path} at step {step} (epoch {epoch}, batch {position})")
-    if world > 1:
-        student = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    student.train()
-
-    def save(step):
-        # every rank's RNG state and data position are gathered so each resumes exactly
-        state = {"rng": rng_state(), "position": position}
-        states = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, state)
-        else:
-            states = [state]
-        if rank == 0:
-            atomic_save({"format": 1, "method": args.method, "teacher": args.teacher, "step": step, "epoch": epoch,
-                         "position": [s["position"] for s in states], "rng": [s["rng"] for s in states],
-                         "config": dataclasses.asdict(raw.cfg), "student": raw.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}},
-                        os.path.join(args.out, f"ckpt-{step:08d}.pt"))
-            for old in checkpoint_paths(args.out)[:-args.keep]:
-                os.remove(old)
-        if world > 1:
-            dist.barrier()
-
-    # --- the loop: one optimizer step = accum micro-batches
+def train(run):
+    """Steps until --max_steps: a progress line every --log_every steps (and a train_log.jsonl row),
+    a validation loss every --val_every, a checkpoint every --save_every and at the end."""
+    args = run.args
     bad_files = {}  # path -> reason, files that failed to decode during training
-    stream = batches(loader, sampler, epoch, position, bad_files)
-    log_file = open(os.path.join(args.out, "train_log.jsonl"), "a") if rank == 0 else None
-    skipped, t_log, audio_s, sums, since_log = 0, time.time(), 0.0, {}, 0
-    while step < args.max_steps:
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss, step_parts = 0.0, {}  # this update's loss and its parts, over micro-steps
-        for micro in range(args.accum):
-            epoch, position, wav, lengths = next(stream)
-            wav, lengths = wav.to(device, non_blocking=True), lengths.to(device, non_blocking=True)
-            sync = contextlib.nullcontext() if world == 1 or micro == args.accum - 1 else student.no_sync()
-            try:
-                with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss, parts = distillation_loss(args, teacher, student, wav, lengths, step, rank, micro)
-                    # choice: each micro-batch's loss is already a mean over its own valid frames;
-                    # micro-batches (and, through DDP's gradient mean, ranks) then weigh equally,
-                    # as in s3prl and the official ARMHuBERT code (fairseq divides by the update's
-                    # total frame count instead)
-                    scaler.scale(loss / args.accum).backward()
-            except torch.OutOfMemoryError:
-                if world > 1:
-                    dist.destroy_process_group()  # the other ranks fail instead of waiting forever
-                raise SystemExit(f"error: out of memory at step {step} on a batch of {len(lengths)} utterances, "
-                                 f"{float(lengths.sum()) / data.SAMPLE_RATE:.0f} s of audio; lower --batch_seconds "
-                                 f"(now {args.batch_seconds:g}) and raise --accum (now {args.accum}) to keep the "
-                                 "effective batch, or set --max_seconds")
-            for k, v in parts.items():
-                step_parts[k] = step_parts.get(k, 0.0) + float(v) / args.accum
-            step_loss += loss.item() / args.accum
-            audio_s += float(lengths.sum()) / data.SAMPLE_RATE * world
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip)
-        # note: with fp16 an inf gradient is the scaler's business (it skips the step and lowers its
-        # scale); a non-finite loss, or a non-finite gradient in bf16/fp32, is a real divergence
-        bad = not math.isfinite(step_loss) or (not math.isfinite(float(grad_norm)) and amp != torch.float16)
-        if world > 1:  # decide together: one rank stopping alone would leave the others waiting
-            flag = torch.tensor(float(bad), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            bad = bool(flag.item())
-        if bad:
-            detail = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
-            if not args.skip_nonfinite:
-                last = checkpoint_paths(args.out)
-                raise SystemExit(f"error: non-finite loss or gradient at step {step} (loss {step_loss:.4g}, "
-                                 f"{detail}, grad norm {float(grad_norm):.4g}); stopped without saving. Last good "
-                                 f"checkpoint: {last[-1] if last else 'none'}. Lower --lr or use --skip_nonfinite.")
-            skipped += 1
-            say(f"warning: step {step}: non-finite loss/gradient ({detail}); skipped ({skipped} so far)")
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-            for k, v in {**step_parts, "loss": step_loss}.items():
+    stream = batches(run.loader, run.sampler, run.epoch, run.position, bad_files)
+    log_file = open(os.path.join(args.out, "train_log.jsonl"), "a") if run.rank == 0 else None
+    t_log, audio_s, sums, since_log = time.time(), 0.0, {}, 0
+    while run.step < args.max_steps:
+        lr = lr_at(run.step, args)
+        loss, parts, grad_norm, audio, stepped = optimizer_step(run, stream, lr)
+        audio_s += audio
+        if stepped:
+            for k, v in {**parts, "loss": loss, "grad_norm": grad_norm}.items():
                 sums[k] = sums.get(k, 0.0) + v
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
             since_log += 1
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
+        step = run.step
         if (step % args.log_every == 0 or step == args.max_steps) and since_log:
-            n, dt = max(since_log, 1), time.time() - t_log
+            n, dt = since_log, time.time() - t_log
             row = {k: v / n for k, v in sums.items()}
             ms = 1000 * dt / n
             eta = (args.max_steps - step) * dt / n
-            line = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("grad_norm",) and not k.startswith("_"))
-            say(f"step {step}/{args.max_steps} | {line} | gnorm {row['grad_norm']:.2f} | lr {lr:.2e} | "
-                f"{ms:.0f} ms/step | {audio_s / dt:.1f} audio s/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+            line = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "grad_norm" and not k.startswith("_"))
+            run.say(f"step {step}/{args.max_steps} | {line} | gnorm {row['grad_norm']:.2f} | lr {lr:.2e} | "
+                    f"{ms:.0f} ms/step | {audio_s / dt:.1f} audio s/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
             if log_file:
                 log_file.write(json.dumps({"step": step, "lr": lr, "ms_per_step": ms, "audio_s_per_s": audio_s / dt, **row}) + "\n")
                 log_file.flush()
             sums, t_log, audio_s, since_log = {}, time.time(), 0.0, 0
-        if val_loader is not None and (step % args.val_every == 0 or step == args.max_steps):
-            val = validate(args, teacher, raw, val_loader, device)  # unwrapped: no DDP collectives
-            say(f"step {step}/{args.max_steps} | validation loss {val:.4f}")
+        if run.val_loader is not None and (step % args.val_every == 0 or step == args.max_steps):
+            val = validate(args, run.teacher, run.raw, run.val_loader, run.device)  # unwrapped: no DDP collectives
+            run.say(f"step {step}/{args.max_steps} | validation loss {val:.4f}")
             if log_file:
                 log_file.write(json.dumps({"step": step, "val_loss": val}) + "\n")
                 log_file.flush()
         if step % args.save_every == 0 or step == args.max_steps:
-            save(step)
-    say(f"done: {step} steps, {skipped} skipped, {len(bad_files)} undecodable file(s) left out; student in {os.path.join(args.out, f'ckpt-{step:08d}.pt')} "
-        "(load with model.load_student)")
+            save_checkpoint(run)
+    run.say(f"done: {run.step} steps, {run.skipped} skipped, {len(bad_files)} undecodable file(s) left out; student in "
+            f"{os.path.join(args.out, f'ckpt-{run.step:08d}.pt')} (load with model.load_student)")
     if log_file:
         log_file.close()
-    if world > 1:
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = setup(args)
+    train(run)
+    if run.world > 1:
         dist.destroy_process_group()
 
 

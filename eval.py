@@ -11,9 +11,11 @@ What this file holds, top to bottom (method reference: ../shared/SPEC.md, sectio
      kept in memory in float16, so the probe's training steps cost only the small head.
   5. The probe: SUPERB's learned softmax-weighted sum of layers + a linear CTC head, Adam,
      dev-selected best state, test error rate with that state.
-  6. Speed: teacher, every student preset, torchaudio's own wav2vec2 at the maskhubert size
-     and one distillation step per method, timed side by side on the same batch.
-  7. Command line.
+  6. The probe's command line.
+  7. Measurements, apart from the evaluator: speed of the teacher, every student preset,
+     torchaudio's own wav2vec2 at the maskhubert size and one distillation step per method,
+     timed side by side on the same batch.
+  8. Command line: the `probe` and `speed` sub-commands.
 
 SUPERB PR in small: SUPERB (Yang et al. 2021) trains a downstream on LibriSpeech
 train-clean-100 for 100k steps; this probe trains the same kind of head on whatever subset
@@ -49,7 +51,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-import distill
 import model
 
 # ----------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def load_split(name, root, unit, lexicon, vocab, skip_unknown=False, limit=0):
 # 3. Upstreams: what the probe listens to
 #
 # Spec strings (--upstream of probe, --teacher of speed):
-#   PATH.pt            a distill.py checkpoint (has a "student" key) -> Student
+#   PATH.pt            a distill.py checkpoint (has a "student" key) -> its student (model.load_student)
 #   tiny | NAME | PATH anything model.load_teacher accepts -> Teacher
 #   random:NAME        a torchaudio bundle geometry (e.g. random:hubert_base) with random weights,
 #                      no download; random:tiny = the tiny teacher drawn with --seed
@@ -293,28 +294,6 @@ def load_split(name, root, unit, lexicon, vocab, skip_unknown=False, limit=0):
 #                      at exactly the same size
 #   cnn:SPEC           only the conv front end of SPEC: one "layer", (B, T, C)
 # ----------------------------------------------------------------------------
-
-
-def random_teacher(name, seed=0):
-    """A Teacher with the geometry of a torchaudio bundle (or `tiny`) and random weights.
-
-    Timing does not need trained weights, so `speed` defaults to random:hubert_base and
-    never downloads anything.
-    """
-    import torchaudio
-
-    if name == "tiny":
-        return model.teacher_from_checkpoint(model.tiny_teacher_checkpoint(seed), name="random:tiny")
-    if name.lower() not in model.BUNDLES:
-        raise ValueError(f"random:{name}: not a teacher bundle name ({', '.join(model.BUNDLES)}) nor 'tiny'")
-    config, _ = model.bundle_config(name)
-    build = torchaudio.models.wavlm_model if "encoder_num_buckets" in config else torchaudio.models.wav2vec2_model
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        m = build(**config)
-        mask_emb = torch.rand(config["encoder_embed_dim"])  # fairseq inits mask_emb uniform
-    return model.teacher_from_checkpoint({"config": config, "state_dict": m.state_dict(), "mask_emb": mask_emb},
-                                         name=f"random:{name}")
 
 
 def _is_student_checkpoint(path):
@@ -345,7 +324,7 @@ def build_upstream(spec, device="cpu", seed=0, flag="--upstream"):
             cfg = model.config_from_dict(torch.load(what, map_location="cpu", weights_only=True)["config"])
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
-                module = model.Student(cfg)  # same config, fresh weights: the floor at equal size
+                module, _ = model.build_student(cfg)  # same config, fresh weights: the floor at equal size
         else:
             preset, _, teacher_spec = what.partition(":")
             if preset in model.PRESETS:
@@ -354,9 +333,9 @@ def build_upstream(spec, device="cpu", seed=0, flag="--upstream"):
                 teacher = build_upstream(teacher_spec, "cpu", seed, flag)[0] if teacher_spec else model.bundle_description("hubert_base")
                 with torch.random.fork_rng():
                     torch.manual_seed(seed)
-                    module = model.build_student(preset, teacher)
+                    module, _ = model.build_student(preset, teacher, copy_weights=False)
             elif not teacher_spec:
-                module = random_teacher(preset, seed)
+                module = model.random_teacher(preset, seed)  # ValueError names the bundles
             else:
                 raise ValueError(f"{flag} {spec}: {preset!r} is not a student preset ({', '.join(model.PRESETS)})")
     elif os.path.isfile(rest) and _is_student_checkpoint(rest):
@@ -647,7 +626,65 @@ def check_device(device):
 
 
 # ----------------------------------------------------------------------------
-# 6. Speed: the same batch through every model, side by side
+# 6. The probe's command line (`python eval.py probe ...`)
+# ----------------------------------------------------------------------------
+
+
+def add_probe_command(sub):
+    """The `probe` sub-command's flags (defaults: SUPERB PR, except the number of steps)."""
+    pr = sub.add_parser("probe", help="SUPERB-style CTC probe on a frozen upstream (phones or characters)",
+                        description="Train a weighted-sum + linear CTC probe on a frozen upstream. The upstream runs "
+                                    "once over train/dev/test and ALL its layers are cached in memory in float16 "
+                                    "(about L x D x 100 bytes per second of audio), so training steps are cheap on CPU.")
+    g = pr.add_argument_group("upstream and data")
+    g.add_argument("--upstream", required=True,
+                   help="distill.py checkpoint | tiny | torchaudio bundle name | teacher file | random:NAME | "
+                        "random:PRESET[:TEACHER] | random:CKPT (fresh weights, same config) | cnn:SPEC (conv features only)")
+    g.add_argument("--train", required=True, help="LibriSpeech-layout directory (*/*/*.flac + *.trans.txt) to train the probe on")
+    g.add_argument("--dev", required=True, help="LibriSpeech-layout directory used to pick the best probe state")
+    g.add_argument("--test", required=True, help="LibriSpeech-layout directory for the final error rate")
+    g.add_argument("--lexicon", default=None, help="'WORD ph ph ...' per line, first pronunciation wins (needed for --unit phone)")
+    g.add_argument("--unit", choices=("phone", "char"), default="phone",
+                   help="phone: PER via the lexicon; char: letters + '|' word separator, reports CER and WER")
+    g.add_argument("--skip-unknown", "--skip_unknown", dest="skip_unknown", action="store_true",
+                   help="leave out (and count) utterances with a word missing from the lexicon instead of failing")
+    for name in ("train", "dev", "test"):
+        g.add_argument(f"--{name}_limit", type=int, default=0,
+                       help=f"use only the first N {name} utterances by id (0 = all): the cache must fit in memory")
+    g = pr.add_argument_group("probe training (defaults: SUPERB PR, s3prl libriphone.yaml, except steps)")
+    g.add_argument("--steps", type=int, default=2000,
+                   help="training steps (SUPERB: 100k on train-clean-100; a small subset needs far fewer)")
+    g.add_argument("--eval_every", "--eval-every", dest="eval_every", type=int, default=200,
+                   help="evaluate on dev every N steps and keep the best state (SUPERB: 1000)")
+    g.add_argument("--batch_size", type=int, default=32, help="utterances per step (SUPERB: 16 x 2 accumulation)")
+    g.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (SUPERB PR: 1e-2)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping, 0 = off (SUPERB PR: 1)")
+    g.add_argument("--normalize", action="store_true",
+                   help="LayerNorm (no affine) on each layer before the weighted sum (s3prl option; SUPERB default off)")
+    g.add_argument("--head_init", choices=("zero", "random"), default="zero",
+                   help="zero: uniform output at start, untrained PER exactly 100%% (choice); random: PyTorch's default (SUPERB)")
+    g = pr.add_argument_group("run")
+    g.add_argument("--extract_batch", type=int, default=8, help="utterances per upstream forward while caching features")
+    g.add_argument("--max_cache_gb", type=float, default=16.0,
+                   help="stop with an error when the float16 feature cache (all layers, all splits) passes this many GiB")
+    g.add_argument("--seed", type=int, default=0, help="seed of the probe init, batch order and random: upstreams")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (upstream extraction and probe)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0 = torch's default); 1 is often fastest for the small probe ops")
+    g.add_argument("--out", default=None, help="write the result JSON here")
+
+
+def check_probe_args(p, args):
+    if args.unit == "phone" and not args.lexicon:
+        p.error("--unit phone needs --lexicon FILE")
+    for flag in ("steps", "eval_every", "batch_size", "extract_batch"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} {getattr(args, flag)}: expected a positive integer")
+
+
+# ----------------------------------------------------------------------------
+# 7. Measurements: speed. The same batch through every model, side by side. Separate from
+#    the evaluator above; it times distill.py's steps, so it is the only part that imports distill.py
 # ----------------------------------------------------------------------------
 
 METHODS = ("distilhubert", "armhubert", "colld", "gendistiller")  # distill.py --method values
@@ -722,6 +759,8 @@ def run_speed(args):
     if cnn_only or not isinstance(teacher, model.Teacher):
         raise ValueError(f"--teacher {args.teacher}: expected a teacher (tiny, a bundle name, a teacher file or "
                          f"random:NAME), got a {type(teacher).__name__}")
+    import distill  # only the speed table needs the training code (its distillation steps)
+
     rows, skipped = [], []
 
     def add(name, fn, params):
@@ -740,7 +779,8 @@ def run_speed(args):
     with torch.no_grad(), autocast():
         add(f"teacher {args.teacher} forward", lambda: teacher(wav, lengths), sum(p.numel() for p in teacher.parameters()))
         for preset in args.presets:
-            student = model.build_student(preset, teacher).to(device).eval()  # preset fitted to the teacher
+            student, _ = model.build_student(preset, teacher, copy_weights=False)  # preset fitted to the teacher
+            student = student.to(device).eval()
             # note: hidden_states is the deployed path (what the probe reads): distilhubert without its
             # prediction heads, gendistiller free-running
             add(f"student {preset} forward", lambda: student.hidden_states(wav, lengths),
@@ -757,7 +797,8 @@ def run_speed(args):
         for method in args.methods:
             # "--data synthetic" only satisfies the required flag; the batch here is our own
             d_args = distill.parse_args(["--method", method, "--data", "synthetic", "--seed", str(args.seed)])
-            student = distill.build_student_for(d_args, teacher).to(device).train()
+            student, _ = distill.build_student_for(d_args, teacher)
+            student = student.to(device).train()
             # the method's own recipe optimizer settings (AdamW); weight decay on every weight here,
             # which costs the same time as distill.py's split into decayed / not-decayed groups
             opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=d_args.lr,
@@ -800,56 +841,8 @@ def markdown_table(rows, device, args):
             + "\n".join(lines) + note)
 
 
-# ----------------------------------------------------------------------------
-# 7. Command line
-# ----------------------------------------------------------------------------
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    pr = sub.add_parser("probe", help="SUPERB-style CTC probe on a frozen upstream (phones or characters)",
-                        description="Train a weighted-sum + linear CTC probe on a frozen upstream. The upstream runs "
-                                    "once over train/dev/test and ALL its layers are cached in memory in float16 "
-                                    "(about L x D x 100 bytes per second of audio), so training steps are cheap on CPU.")
-    g = pr.add_argument_group("upstream and data")
-    g.add_argument("--upstream", required=True,
-                   help="distill.py checkpoint | tiny | torchaudio bundle name | teacher file | random:NAME | "
-                        "random:PRESET[:TEACHER] | random:CKPT (fresh weights, same config) | cnn:SPEC (conv features only)")
-    g.add_argument("--train", required=True, help="LibriSpeech-layout directory (*/*/*.flac + *.trans.txt) to train the probe on")
-    g.add_argument("--dev", required=True, help="LibriSpeech-layout directory used to pick the best probe state")
-    g.add_argument("--test", required=True, help="LibriSpeech-layout directory for the final error rate")
-    g.add_argument("--lexicon", default=None, help="'WORD ph ph ...' per line, first pronunciation wins (needed for --unit phone)")
-    g.add_argument("--unit", choices=("phone", "char"), default="phone",
-                   help="phone: PER via the lexicon; char: letters + '|' word separator, reports CER and WER")
-    g.add_argument("--skip-unknown", "--skip_unknown", dest="skip_unknown", action="store_true",
-                   help="leave out (and count) utterances with a word missing from the lexicon instead of failing")
-    for name in ("train", "dev", "test"):
-        g.add_argument(f"--{name}_limit", type=int, default=0,
-                       help=f"use only the first N {name} utterances by id (0 = all): the cache must fit in memory")
-    g = pr.add_argument_group("probe training (defaults: SUPERB PR, s3prl libriphone.yaml, except steps)")
-    g.add_argument("--steps", type=int, default=2000,
-                   help="training steps (SUPERB: 100k on train-clean-100; a small subset needs far fewer)")
-    g.add_argument("--eval_every", "--eval-every", dest="eval_every", type=int, default=200,
-                   help="evaluate on dev every N steps and keep the best state (SUPERB: 1000)")
-    g.add_argument("--batch_size", type=int, default=32, help="utterances per step (SUPERB: 16 x 2 accumulation)")
-    g.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (SUPERB PR: 1e-2)")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping, 0 = off (SUPERB PR: 1)")
-    g.add_argument("--normalize", action="store_true",
-                   help="LayerNorm (no affine) on each layer before the weighted sum (s3prl option; SUPERB default off)")
-    g.add_argument("--head_init", choices=("zero", "random"), default="zero",
-                   help="zero: uniform output at start, untrained PER exactly 100%% (choice); random: PyTorch's default (SUPERB)")
-    g = pr.add_argument_group("run")
-    g.add_argument("--extract_batch", type=int, default=8, help="utterances per upstream forward while caching features")
-    g.add_argument("--max_cache_gb", type=float, default=16.0,
-                   help="stop with an error when the float16 feature cache (all layers, all splits) passes this many GiB")
-    g.add_argument("--seed", type=int, default=0, help="seed of the probe init, batch order and random: upstreams")
-    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (upstream extraction and probe)")
-    g.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0 = torch's default); 1 is often fastest for the small probe ops")
-    g.add_argument("--out", default=None, help="write the result JSON here")
-
+def add_speed_command(sub):
+    """The `speed` sub-command's flags."""
     sp = sub.add_parser("speed", help="time teacher, students, torchaudio reference and distillation steps")
     sp.add_argument("--teacher", default="random:hubert_base",
                     help="tiny | bundle name | teacher file | random:NAME (default: HuBERT Base size, random weights, "
@@ -870,15 +863,25 @@ def parse_args(argv=None):
     sp.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     sp.add_argument("--out", default=None, help="also write the rows as JSON here")
-    args = p.parse_args(argv)
-    if args.command == "probe":
-        if args.unit == "phone" and not args.lexicon:
-            p.error("--unit phone needs --lexicon FILE")
-        for flag in ("steps", "eval_every", "batch_size", "extract_batch"):
-            if getattr(args, flag) < 1:
-                p.error(f"--{flag} {getattr(args, flag)}: expected a positive integer")
-    elif args.repeats < 1 or args.batch < 1:
+
+
+def check_speed_args(p, args):
+    if args.repeats < 1 or args.batch < 1:
         p.error(f"--repeats {args.repeats} / --batch {args.batch}: expected positive integers")
+
+
+# ----------------------------------------------------------------------------
+# 8. Command line: `probe` (sections 1-6) and `speed` (section 7)
+# ----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    add_probe_command(sub)
+    add_speed_command(sub)
+    args = p.parse_args(argv)
+    (check_probe_args if args.command == "probe" else check_speed_args)(p, args)
     return args
 
 

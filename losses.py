@@ -28,14 +28,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+import data
+
 # -----------------------------------------------------------------------------
-# Padding helpers
-
-
-def valid_mask(frame_lengths, max_frames):
-    """Bool mask (B, T) that is True at valid frames t < frame_lengths[b], T = max_frames."""
-    frames = torch.arange(max_frames, device=frame_lengths.device)  # (T,)
-    return frames[None, :] < frame_lengths[:, None]  # (B, T)
+# Boundary checks and the masked mean (padding: data.valid_frames, True on real frames)
 
 
 def _check(preds, targets, frame_lengths, name):
@@ -80,7 +76,7 @@ def distilhubert_loss(preds, targets, frame_lengths, cos_weight=1.0):
     _check(preds, targets, frame_lengths, "distilhubert_loss")
     frame_lengths = frame_lengths.to(preds[0].device)  # lengths may arrive on the CPU
     B, T, D = preds[0].shape
-    valid = valid_mask(frame_lengths, T)  # (B, T)
+    valid = data.valid_frames(frame_lengths, T)  # (B, T)
     l1_sum, cos_sum = 0.0, 0.0
     for p, t in zip(preds, targets):
         p, t = p.float(), t.float()  # the loss is computed in float32 even under autocast
@@ -144,7 +140,7 @@ def masking_distillation_loss(preds, clean_targets, masked_targets, mask, frame_
     if len(layer_weights) != len(preds):
         raise ValueError(f"masking_distillation_loss: {len(layer_weights)} layer weights "
                          f"for {len(preds)} layers")
-    valid = valid_mask(frame_lengths, T)  # (B, T)
+    valid = data.valid_frames(frame_lengths, T)  # (B, T)
     mask = mask.bool()
     n_valid = valid.sum().clamp(min=1).float()  # N
     on_masked = (valid & mask).float()  # (B, T) valid frames the student saw masked
@@ -220,7 +216,7 @@ def colld_loss(preds, targets, mask, frame_lengths, num_negatives=100, temperatu
     # subtle: work on the first T' = longest valid length frames only, so that extra padding
     # changes neither the anchors nor the random draw of negatives.
     T_v = int(frame_lengths.max())
-    valid = valid_mask(frame_lengths, T_v)  # (B, T')
+    valid = data.valid_frames(frame_lengths, T_v)  # (B, T')
     # choice: anchors are masked valid frames; include_unmasked=True (distill.py's flag)
     # makes them all valid frames (the other plausible reading of the paper).
     anchors = valid if include_unmasked else valid & mask[:, :T_v].bool()  # (B, T')

@@ -1,18 +1,20 @@
-"""Teachers, compact students and the GenDistiller generator, in plain PyTorch.
+"""The networks of the project, in plain PyTorch, in reading order (method reference: ../shared/SPEC.md).
 
-This file holds every network of the project (method reference: ../shared/SPEC.md):
-  1. conventions shared by all methods (frame count, layer index, padding)   SPEC 0
-  2. the frozen teacher: torchaudio bundles, torchaudio-format files, s3prl-converted
-     fairseq checkpoints, and a `tiny` random teacher, all through one code path
-  3. the student: one config dataclass, one model class, the paper presets     SPEC 1-4
-     - DistilHuBERT (Chang et al. 2022): 2 layers + shared/split prediction heads
-     - ARMHuBERT (Recycle-and-Distill, Jang et al. 2023): even layers have no query/key
-       projections and reuse the previous layer's attention probabilities
-     - CoLLD (Lee et al. 2024): a deep narrow student with per-layer heads
-     - GenDistiller (Gao et al. 2023): a generator that emits the teacher's layers one
-       after another, attention causal across layers and bidirectional across time
-  4. initialisation from the teacher, saving and loading
-  5. parameter and MAC counting, and the table printed by `python model.py`
+  1. conventions: layer index, the conv front end both teacher and student run        SPEC 0
+  2. the student, the subject of the papers: one config, a front end, the transformer with
+     ARMHuBERT's attention-map reuse (Recycle-and-Distill, Jang et al. 2023), the presets  SPEC 1-3
+  3. heads and the GenDistiller generator (Gao et al. 2023): DistilHuBERT's shared + split
+     heads, per-layer heads (ARMHuBERT, CoLLD), and a generator that emits the teacher's
+     layers one after another, causal across layers and bidirectional across time      SPEC 1-4
+  4. building a student: which teacher layer each output targets, fitting a preset to a
+     teacher, the one builder (distill.py, eval.py and load_student use it), loading
+  5. the frozen teacher: torchaudio bundles, torchaudio-format files, s3prl-converted and
+     fairseq checkpoints, random teachers (`tiny`), all through one code path
+  6. initialisation from the teacher (DistilHuBERT copies its first layers)
+  7. parameter and MAC counting, and the table printed by `python model.py`
+
+Frame counts and padding follow data.py's conventions: data.frame_count is the one frame
+formula, data.valid_frames (True on real frames) the one padding mask.
 
 Example:
     python model.py            # one row per preset: parameters, paper figure, MACs
@@ -20,20 +22,19 @@ Example:
 import ast
 import math
 import re
+import types
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+
 # ----------------------------------------------------------------------------
 # 1. Conventions shared by every method (SPEC section 0)
-#
-# Audio is mono float32 at 16 kHz. The HuBERT conv stack has a total stride of 320
-# samples (20 ms) and a receptive field of 400 samples (25 ms), so an utterance of L
-# samples gives floor((L - 400) / 320) + 1 frames, and none below 400 samples.
 #
 # Layer index: "teacher layer k" (k = 1..L) is the output of transformer block k,
 # exactly what torchaudio's Wav2Vec2Model.extract_features returns at list index k - 1
@@ -41,28 +42,12 @@ import torch.nn.functional as F
 # so teacher layer k is `layers[k - 1]`. Index 0 of HF/s3prl (the transformer input)
 # is never a distillation target. test_all.py checks this against torchaudio.
 #
-# Padding: every batch carries `lengths` (samples) and every network returns
-# `frame_lengths` (valid frames); padded frames never influence a valid frame of a
-# student (the conv GroupNorm is masked, padded keys are masked in attention, padded
-# frames are zeroed before the positional convolution). test_all.py checks that a
-# padded batch equals per-utterance runs on the valid frames.
+# Frames and padding (data.py): an utterance of L samples gives data.frame_count(L) frames;
+# every network returns `frame_lengths` and no padded frame influences a valid frame of a
+# student (the conv GroupNorm is masked, padded keys are masked in attention, padded frames
+# are zeroed before the positional convolution). test_all.py checks that a padded batch
+# equals per-utterance runs on the valid frames.
 # ----------------------------------------------------------------------------
-
-SAMPLE_RATE = 16000  # Hz
-
-
-def conv_output_lengths(lengths, conv_layers):
-    """Valid output frames of a conv stack for inputs of `lengths` samples (int or tensor)."""
-    for _, kernel, stride in conv_layers:
-        lengths = (lengths - kernel) // stride + 1
-        lengths = lengths.clamp(min=0) if torch.is_tensor(lengths) else max(lengths, 0)
-    return lengths
-
-
-def padding_mask(frame_lengths, max_frames):
-    """(B, T) bool, True on padded frames (t >= frame_lengths[b])."""
-    t = torch.arange(max_frames, device=frame_lengths.device)
-    return t[None, :] >= frame_lengths[:, None]  # (B, T)
 
 
 def masked_instance_norm(x, valid, norm):
@@ -84,7 +69,7 @@ def masked_instance_norm(x, valid, norm):
 def standardize_waveform(wav, lengths):
     """Per-utterance zero mean, unit variance over the valid samples (what Large / XLS-R teachers
     were trained on; fairseq `normalize: True`). wav (B, S), lengths (B,) samples."""
-    valid = (~padding_mask(lengths, wav.shape[1])).float()  # (B, S)
+    valid = data.valid_frames(lengths, wav.shape[1]).float()  # (B, S): valid samples
     n = valid.sum(1, keepdim=True).clamp(min=1)
     mean = (wav * valid).sum(1, keepdim=True) / n
     var = (((wav - mean) * valid) ** 2).sum(1, keepdim=True) / n
@@ -101,13 +86,13 @@ def conv_front_end(blocks, wav, lengths):
     x = wav[:, None, :]  # (B, 1, S)
     for block in blocks:
         x = block.conv(x)  # (B, C, T')
-        lengths = (lengths - block.conv.kernel_size[0]) // block.conv.stride[0] + 1
-        lengths = lengths.clamp(min=0)
+        conv = block.conv
+        lengths = data.frame_count(lengths, [(conv.out_channels, conv.kernel_size[0], conv.stride[0])])
         norm = block.layer_norm
         if isinstance(norm, nn.GroupNorm):
             # note: the HuBERT GroupNorm has one group per channel, i.e. instance norm over time
             assert norm.num_groups == norm.num_channels, "only GroupNorm(C, C) is supported"
-            valid = (~padding_mask(lengths, x.shape[-1]))[:, None, :].to(x.dtype)  # (B, 1, T')
+            valid = data.valid_frames(lengths, x.shape[-1])[:, None, :].to(x.dtype)  # (B, 1, T')
             x = masked_instance_norm(x, valid, norm)
         elif norm is not None:  # per-frame LayerNorm over channels: padding cannot leak
             x = F.layer_norm(x.transpose(1, 2), norm.normalized_shape, norm.weight, norm.bias, norm.eps).transpose(1, 2)
@@ -116,8 +101,677 @@ def conv_front_end(blocks, wav, lengths):
 
 
 # ----------------------------------------------------------------------------
-# 2. The frozen teacher
+# 2. The student (SPEC 1-3)
 #
+# Recycle-and-Distill (ARMHuBERT, Sec. 3.1), layer l = 1..N, H heads of width d_h, x = layer input:
+#   A_l = softmax(x W_Q,l (x W_K,l)^T / sqrt(d_h))   for odd l (and every l with reuse="none")
+#   A_l = A_{l-1}                                     for even l: the layer has no W_Q, W_K
+#   MHSA_l(x) = concat_h(A_l^h x W_V,l^h) W_O,l
+# Everything else is a wav2vec 2.0 / HuBERT encoder: conv front end, feature projection,
+# convolutional positional embedding, post-LN (or pre-LN) blocks. DistilHuBERT and CoLLD
+# students are the same network without reuse; GenDistiller shares the front end (section 3).
+# ----------------------------------------------------------------------------
+
+# ARMHuBERT's conv (official code): narrower, the 1x1 convs only change channel counts, so
+# stride (320) and receptive field (400) are HuBERT's. The last two need channels == dim.
+def armhubert_conv(dim):
+    return [(128, 10, 5), (256, 1, 1)] + [(256, 3, 2)] * 4 + [(dim, 1, 1)] + [(dim, 2, 2)] * 2
+
+
+@dataclass
+class StudentConfig:
+    """Every student of the four methods, as one flat record: the command line sets any field with
+    --FIELD=VALUE and checkpoints carry it. `head` picks the network: "distilhubert" and "per_layer"
+    build a Student, "generator" a GenDistiller (its generator config is derived from these fields)."""
+    # front end
+    conv_layers: List[Tuple[int, int, int]] = field(default_factory=lambda: list(data.HUBERT_CONV))  # (channels, kernel, stride)
+    conv_norm: str = "group_norm"  # "group_norm": GroupNorm after the first conv only (HuBERT Base); "layer_norm": after each
+    conv_bias: bool = False
+    feature_projection: bool = True  # LayerNorm(C) + Linear(C -> dim); False: LayerNorm(dim) only (ARMHuBERT)
+    mask_embedding: bool = True  # a learned (dim,) vector for masked frames (masking methods)
+    pos_conv_kernel: int = 128  # frames (2.56 s)
+    pos_conv_groups: int = 16
+    # transformer
+    dim: int = 768
+    ffn_dim: int = 3072
+    num_heads: int = 12
+    num_layers: int = 2
+    reuse: str = "none"  # "none" | "alternate": layers 2, 4, ... reuse the previous layer's attention map
+    layer_norm_first: bool = False  # post-LN (HuBERT Base, the papers' students); True = pre-LN (Large)
+    dropout: float = 0.1
+    attention_dropout: float = 0.1  # on the attention probabilities of layers that compute their own map
+    # official ARMHuBERT: a reuse layer multiplies the previous layer's map with the values without
+    # any dropout of its own (the map it receives is the pre-dropout probability)
+    reuse_attention_dropout: float = 0.0
+    activation_dropout: float = 0.1
+    input_dropout: float = 0.0  # on the projected features, before masking (fairseq dropout_input; presets set it)
+    feature_grad_mult: float = 1.0  # gradient into the conv front end is scaled by this (fairseq/s3prl; forward unchanged)
+    # ARMHuBERT official `layer_grad_scale` (see layer_grad_scales for the exact factors)
+    layer_grad_scale: bool = False
+    # "bert": fairseq/official: transformer Linears N(0, 0.02) with zero bias (init_bert_params),
+    # kaiming-normal conv kernels; "pytorch": nn defaults there (this project before 2026-12); the
+    # positional conv and mask embedding keep their fairseq inits in both
+    init: str = "bert"
+    fused_attention: bool = True  # scaled_dot_product_attention where no map is needed; False = explicit path
+    official_reuse: bool = False  # re-apply softmax to the reused map like the official code (to load its checkpoints)
+    # heads (section 3): "distilhubert" (shared + split heads on the last layer), "per_layer" (one
+    # Linear per layer), "generator" (GenDistiller: the layers run as a generator over K slots x T frames)
+    head: str = "per_layer"
+    teacher_dim: int = 768
+    target_layers: Tuple[int, ...] = ()  # teacher layer (1-based) predicted by each output; set by fit_to_teacher
+    init_from_teacher: bool = False  # copy conv, projection, pos conv and the first layers from the teacher
+    # copy only the teacher's conv front end and its LayerNorm (the student keeps its own width, a
+    # Linear(C -> dim) projection is added); kit recipe for scratch students, not in the papers
+    # (ignored when init_from_teacher copies the whole front end anyway)
+    init_conv_from_teacher: bool = False
+    # standardise each utterance before the conv: set by fit_to_teacher when the conv comes from a
+    # teacher that expects it (Large / XLS-R models)
+    normalize_waveform: bool = False
+
+
+class ConvBlock(nn.Module):
+    """One conv of the front end; `.conv` / `.layer_norm` named as torchaudio's so conv_front_end runs both."""
+
+    def __init__(self, c_in, c_out, kernel, stride, bias, norm):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, bias=bias)
+        self.layer_norm = norm  # GroupNorm(C, C), LayerNorm(C) or None
+
+
+class FrontEnd(nn.Module):
+    """wav -> X0, the transformer input: conv stack, feature LayerNorm (+ projection), input dropout,
+    mask embedding, convolutional positional embedding. Shared by Student and GenDistiller.
+
+    forward(wav, lengths, mask=None) -> (x0 (B, T, D), valid (B, T) bool, frame_lengths (B,))
+    """
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        # --- conv stack, written out from cfg.conv_layers
+        if cfg.conv_norm not in ("group_norm", "layer_norm"):
+            raise ValueError(f"conv_norm={cfg.conv_norm!r}: expected 'group_norm' or 'layer_norm'")
+        blocks, c_in = [], 1
+        for i, (c, k, s) in enumerate(cfg.conv_layers):
+            if cfg.conv_norm == "layer_norm":
+                norm = nn.LayerNorm(c)
+            else:  # "group_norm": fairseq's GroupNorm(C, C) after the first conv only
+                norm = nn.GroupNorm(c, c) if i == 0 else None
+            blocks.append(ConvBlock(c_in, c, k, s, cfg.conv_bias, norm))
+            c_in = c
+        self.conv_layers = nn.ModuleList(blocks)
+        C = c_in
+        if cfg.feature_projection:
+            # choice: a LayerNorm on the conv features before the projection, as HuBERT (teacher-initialised
+            # students copy the teacher's); s3prl's DistilHuBERT has none and feeds raw features to the copy
+            self.feature_norm = nn.LayerNorm(C)
+            self.feature_proj = nn.Linear(C, D)
+        else:
+            if C != D:
+                raise ValueError(f"feature_projection=False needs the last conv to have dim={D} channels, got {C}")
+            self.feature_norm = nn.LayerNorm(D)
+            self.feature_proj = None
+        self.mask_emb = nn.Parameter(torch.empty(D).uniform_()) if cfg.mask_embedding else None
+        # --- convolutional positional embedding (weight norm over the kernel axis, as fairseq)
+        pos_conv = nn.Conv1d(D, D, cfg.pos_conv_kernel, padding=cfg.pos_conv_kernel // 2, groups=cfg.pos_conv_groups)
+        nn.init.normal_(pos_conv.weight, mean=0.0, std=math.sqrt(4.0 / (cfg.pos_conv_kernel * D)))
+        nn.init.zeros_(pos_conv.bias)
+        self.pos_conv = nn.utils.parametrizations.weight_norm(pos_conv, name="weight", dim=2)
+        self.pos_norm = None if cfg.layer_norm_first else nn.LayerNorm(D)  # pre-LN models normalise in the blocks
+
+    def cnn_features(self, wav, lengths):
+        """(B, T, C) conv features and frame_lengths (the `cnn:` floor in eval.py)."""
+        if self.cfg.normalize_waveform:
+            wav = standardize_waveform(wav.float(), lengths).to(wav.dtype)
+        return conv_front_end(self.conv_layers, wav, lengths)
+
+    def forward(self, wav, lengths, mask=None):
+        features, frame_lengths = self.cnn_features(wav, lengths)  # (B, T, C)
+        if self.cfg.feature_grad_mult != 1.0:
+            features = ScaleGrad.apply(features, self.cfg.feature_grad_mult)  # (fairseq feature_grad_mult)
+        x = self.feature_norm(features)
+        if self.feature_proj is not None:
+            x = self.feature_proj(x)  # (B, T, D)
+        x = F.dropout(x, self.cfg.input_dropout, self.training)
+        if mask is not None:
+            if self.mask_emb is None:
+                raise ValueError("this student has no mask embedding (mask_embedding=False) but got a mask")
+            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)  # masked frames -> learned vector
+        valid = data.valid_frames(frame_lengths, x.shape[1])  # (B, T)
+        x = x.masked_fill(~valid[..., None], 0.0)  # padded frames must not enter the positional conv
+        pos = self.pos_conv(x.transpose(1, 2))  # (B, D, T + 1) for an even kernel
+        pos = pos[..., : x.shape[1]]  # drop the extra frame of the even kernel: (B, D, T)
+        x = x + F.gelu(pos).transpose(1, 2)  # (B, T, D)
+        if self.pos_norm is not None:
+            x = self.pos_norm(x)
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        return x, valid, frame_lengths
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; a reuse layer (ARMHuBERT) has no query/key projections.
+
+    forward(x, allowed, prev_attn, need_attn) -> (out, attn)
+      x (B, T, D); allowed: bool, broadcastable to (B, H, T, T), True where query t may look at
+      key t' (the valid keys; for the generator also causal over slots); prev_attn (B, H, T, T):
+      the previous layer's attention probabilities (reuse only). attn is returned when
+      `need_attn` (the next layer reuses it), else None.
+    """
+
+    def __init__(self, dim, num_heads, dropout, reuse=False, fused=True, official_reuse=False):
+        super().__init__()
+        assert dim % num_heads == 0, f"dim {dim} is not divisible by num_heads {num_heads}"
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.reuse, self.fused, self.official_reuse = reuse, fused, official_reuse
+        self.dropout = dropout
+        if not reuse:  # the parameters ARMHuBERT saves: no W_Q, W_K in a reuse layer
+            self.q_proj = nn.Linear(dim, dim)
+            self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x, allowed, prev_attn=None, need_attn=False):
+        B, T, D = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        p = self.dropout if self.training else 0.0
+        v = self.v_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        if self.reuse:
+            # Recycle-and-Distill: A_l = A_{l-1}, the previous layer's softmax probabilities for the
+            # same sample and head, used as they are (no renormalisation); gradients flow into the
+            # previous layer's Q/K through it.
+            attn = prev_attn  # (B, H, T, T)
+            if self.official_reuse:
+                # note: the official code applies softmax a second time to the already normalised map;
+                # kept only to reproduce its released checkpoints (SPEC 2)
+                attn = attn.softmax(dim=-1)
+        else:
+            q = self.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+            k = self.k_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+            if self.fused and not need_attn:
+                # fast path, tested equal to the explicit one below
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # (B, H, T, Dh)
+                return self.out_proj(out.transpose(1, 2).reshape(B, T, D)), None
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(Dh)  # (B, H, T, T)
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            attn = scores.softmax(dim=-1)  # (B, H, T, T), each row sums to 1 over allowed keys
+        # dropout acts on a copy; the map handed to the next (reuse) layer is the clean, pre-dropout
+        # probability (the paper says "the attention map"; the official code hands on the pre-dropout one)
+        out = F.dropout(attn, p, self.training) @ v  # (B, H, T, Dh)
+        out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.out_proj(out), (attn if need_attn else None)
+
+
+class TransformerLayer(nn.Module):
+    """A wav2vec 2.0 / HuBERT encoder block, post-LN (Base) or pre-LN (Large). `cfg` is a StudentConfig
+    or a GeneratorConfig (sizes, dropouts, layer order); `attention_dropout` is this layer's own."""
+
+    def __init__(self, cfg, attention_dropout, reuse=False, official_reuse=False):
+        super().__init__()
+        self.layer_norm_first = cfg.layer_norm_first
+        self.attention = SelfAttention(cfg.dim, cfg.num_heads, attention_dropout, reuse,
+                                       cfg.fused_attention, official_reuse)
+        self.layer_norm = nn.LayerNorm(cfg.dim)  # after attention (post-LN) / before it (pre-LN)
+        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim)
+        self.final_layer_norm = nn.LayerNorm(cfg.dim)
+        self.dropout, self.activation_dropout = cfg.dropout, cfg.activation_dropout
+
+    def ffn(self, x):
+        x = F.dropout(F.gelu(self.fc1(x)), self.activation_dropout, self.training)  # (B, T, F)
+        return F.dropout(self.fc2(x), self.dropout, self.training)  # (B, T, D)
+
+    def forward(self, x, allowed, prev_attn=None, need_attn=False):
+        residual = x
+        if self.layer_norm_first:
+            x = self.layer_norm(x)
+        x, attn = self.attention(x, allowed, prev_attn, need_attn)
+        x = residual + F.dropout(x, self.dropout, self.training)
+        if self.layer_norm_first:
+            x = x + self.ffn(self.final_layer_norm(x))
+        else:
+            x = self.layer_norm(x)
+            x = self.final_layer_norm(x + self.ffn(x))
+        return x, attn
+
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` backward (fairseq's GradMultiply)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def layer_grad_scales(num_layers):
+    """Official ARMHuBERT `layer_grad_scale` factors m_i = (N - i) / (N + 1 - i), i = 0..N-1 (0-based):
+    12/13, 11/12, ..., 1/2 for N = 12. After layer i the output x_i is replaced by GradMultiply(x_i, m_i),
+    which feeds layer i + 1, and layer i's head reads GradMultiply(that, 1 - m_i). The head's copy is
+    built on the already scaled tensor (as the official code), so the gradient reaching x_i is
+    m_i * (gradient from above) + m_i * (1 - m_i) * (gradient from head i)."""
+    return [(num_layers - i) / (num_layers + 1 - i) for i in range(num_layers)]
+
+
+def init_bert_params(module):
+    """fairseq's init_bert_params, as the official ARMHuBERT code and s3prl apply it to the transformer
+    encoder only: every Linear weight N(0, 0.02), zero bias."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def init_weights(cfg, front_end, layers):
+    """fairseq's initialisation, applied once the whole network exists (as fairseq does): init "bert"
+    gives the transformer `layers` init_bert_params and the conv kernels kaiming-normal; the positional
+    conv keeps its N(0, sqrt(4 / (k * D))); the projection, heads, mask and slot embeddings keep
+    PyTorch's defaults, as in the official code. init "pytorch" keeps nn defaults everywhere."""
+    if cfg.init == "bert":
+        layers.apply(init_bert_params)
+        for block in front_end.conv_layers:  # fairseq ConvFeatureExtractionModel
+            nn.init.kaiming_normal_(block.conv.weight)
+    elif cfg.init != "pytorch":
+        raise ValueError(f"init={cfg.init!r}: expected 'bert' or 'pytorch'")
+
+
+class Student(nn.Module):
+    """The DistilHuBERT, ARMHuBERT, MaskHuBERT and CoLLD students: front end, N transformer layers
+    (with reuse="alternate", layers 2, 4, ... reuse the previous map), heads (section 3).
+
+    forward(wav, lengths, mask=None) -> (preds, frame_lengths)
+      preds[j] (B, T, teacher_dim) predicts teacher layer cfg.target_layers[j].
+      mask (B, T) bool: frames replaced by the learned mask embedding (ARMHuBERT, CoLLD).
+    hidden_states(wav, lengths) -> (list of (B, T, D') tensors, frame_lengths), for SUPERB-style probes:
+      distilhubert: [transformer input, layer 1, ..., layer N] (dim D, heads dropped as in the paper)
+      per_layer (armhubert, maskhubert, colld): the N projected layers head_i(layer i) (teacher_dim),
+        as ARMHuBERT's SUPERB upstream returns them
+    """
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        if cfg.head == "generator":
+            raise ValueError("head='generator' is GenDistiller: build it with GenDistiller(cfg) or model.build_student")
+        self.cfg = cfg
+        self.front_end = FrontEnd(cfg)
+        if cfg.reuse not in ("none", "alternate"):
+            raise ValueError(f"reuse={cfg.reuse!r}: expected 'none' or 'alternate'")
+        self.reuses = [cfg.reuse == "alternate" and i % 2 == 1 for i in range(cfg.num_layers)]  # 0-based i
+        self.layers = nn.ModuleList(
+            TransformerLayer(cfg, cfg.reuse_attention_dropout if r else cfg.attention_dropout, r, cfg.official_reuse)
+            for r in self.reuses)
+        if cfg.head == "distilhubert":
+            self.heads = DistilHuBERTHeads(cfg.dim, cfg.teacher_dim, len(cfg.target_layers))
+        elif cfg.head == "per_layer":
+            self.heads = PerLayerHeads(cfg.dim, cfg.teacher_dim, cfg.num_layers, len(cfg.target_layers))
+        else:
+            raise ValueError(f"head={cfg.head!r}: expected 'distilhubert', 'per_layer' or 'generator'")
+        init_weights(cfg, self.front_end, self.layers)
+
+    def cnn_features(self, wav, lengths):
+        return self.front_end.cnn_features(wav, lengths)
+
+    def encode(self, x, valid):
+        """Run the layers over time; returns the N layer outputs, each (B, T, D)."""
+        allowed = valid[:, None, None, :]  # (B, 1, 1, T): every query may look at every valid key
+        scales = layer_grad_scales(len(self.layers)) if self.cfg.layer_grad_scale else None
+        hiddens, attn = [], None
+        for i, layer in enumerate(self.layers):
+            next_reuses = i + 1 < len(self.layers) and self.reuses[i + 1]
+            x, attn = layer(x, allowed, prev_attn=attn, need_attn=next_reuses)
+            if scales is None:
+                hiddens.append(x)
+            else:  # same values, gradients rescaled exactly as the official code (layer_grad_scales)
+                x = ScaleGrad.apply(x, scales[i])  # feeds layer i + 1
+                hiddens.append(ScaleGrad.apply(x, 1.0 - scales[i]))  # feeds head i, built on the scaled x
+        return hiddens
+
+    def forward(self, wav, lengths, mask=None):
+        x, valid, frame_lengths = self.front_end(wav, lengths, mask)
+        return self.heads(self.encode(x, valid)), frame_lengths
+
+    def hidden_states(self, wav, lengths):
+        x, valid, frame_lengths = self.front_end(wav, lengths)
+        return self.heads.deployed(x, self.encode(x, valid)), frame_lengths
+
+
+# Presets: the papers' numbers for a HuBERT Base teacher (768-d, 12 layers).
+PRESETS = {
+    # DistilHuBERT, Chang et al. 2022, Table 1 / s3prl config: 2 layers, teacher-initialised, heads -> 4, 8, 12
+    # (s3prl config_model.yaml: no input dropout, feature_grad_mult 0.1)
+    "distilhubert": StudentConfig(head="distilhubert", num_layers=2, mask_embedding=False,
+                                  target_layers=(4, 8, 12), init_from_teacher=True, feature_grad_mult=0.1),
+    # Recycle-and-Distill Table 1 (ARMHuBERT): D 480, FFN 864, 12 layers, alternate reuse;
+    # official armhubert-960.yaml: dropout_input 0.05, layer_grad_scale True
+    "armhubert": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
+                               ffn_dim=864, num_layers=12, reuse="alternate", input_dropout=0.05,
+                               layer_grad_scale=True),
+    # Recycle-and-Distill Table 1 (ARMHuBERT-S): D 432, FFN 816 (official armhubert-S yaml as above)
+    "armhubert-s": StudentConfig(conv_layers=armhubert_conv(432), feature_projection=False, dim=432,
+                                 ffn_dim=816, num_layers=12, reuse="alternate", input_dropout=0.05,
+                                 layer_grad_scale=True),
+    # Recycle-and-Distill Table 1 (MaskHuBERT, the no-reuse ablation): D 480, FFN 640;
+    # official maskhubert yaml: dropout_input 0.05, layer_grad_scale False
+    "maskhubert": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
+                                ffn_dim=640, num_layers=12, input_dropout=0.05),
+    # CoLLD: no size in the paper; choice (SPEC 3): the maskhubert geometry and settings, to
+    # compare with ARMHuBERT at equal size
+    "colld": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
+                           ffn_dim=640, num_layers=12, input_dropout=0.05),
+    # GenDistiller: choice (SPEC 4): DistilHuBERT front end (and its settings), a 2-layer
+    # 768-d generator over slots
+    "gendistiller": StudentConfig(head="generator", num_layers=2, mask_embedding=False,
+                                  target_layers=(4, 8, 12), init_from_teacher=True, feature_grad_mult=0.1),
+}
+# The papers' parameter figures (millions) and what they count.
+PAPER_PARAMS = {"distilhubert": (23.49, "without prediction heads"), "armhubert": (26.45, "with heads"),
+                "armhubert-s": (22.39, "with heads"), "maskhubert": (26.64, "with heads"),
+                "colld": (None, "with heads"), "gendistiller": (None, "with output projections")}
+
+
+# ----------------------------------------------------------------------------
+# 3. Heads and the GenDistiller generator (SPEC 1, 2, 4)
+#
+# DistilHuBERT (Sec. 2): K heads on the last layer h_N, p_j = W_j GELU(W_s h_N)_j, j = 1..K, where
+#   W_s: D -> K * D_t is shared and W_j: D_t -> D_t; dropped after distillation.
+# ARMHuBERT / CoLLD: one head per layer, p_i = W_i h_i, kept in the deployed model.
+# GenDistiller: slot 0 holds X0 (the front end output), slot k the teacher layer l_k (training,
+#   teacher forcing) or the generator's own prediction of it (inference); token (k, t) attends to
+#   (k', t') iff k' <= k and t' is valid, so output slot k depends on X0 and layers l_1..l_k only:
+#   p_{k+1} = W_{k+1} g_k(X0, l_1, ..., l_k),  k = 0..K-1.
+# ----------------------------------------------------------------------------
+
+
+class DistilHuBERTHeads(nn.Module):
+    """s3prl's prediction heads: shared Linear(D -> K * Dt) + GELU, then K independent Linear(Dt -> Dt)."""
+
+    def __init__(self, dim, teacher_dim, num_targets):
+        super().__init__()
+        self.shared = nn.Linear(dim, num_targets * teacher_dim)
+        self.split = nn.ModuleList(nn.Linear(teacher_dim, teacher_dim) for _ in range(num_targets))
+
+    def forward(self, hiddens):
+        """The N layer outputs (B, T, D) -> K predictions (B, T, Dt), all from the last layer."""
+        B, T, _ = hiddens[-1].shape
+        shared = F.gelu(self.shared(hiddens[-1])).view(B, T, len(self.split), -1)  # (B, T, K, Dt)
+        return [split(shared[:, :, j]) for j, split in enumerate(self.split)]
+
+    def deployed(self, x0, hiddens):
+        """What the distilled model serves (SPEC 1): the heads are dropped; [X0, layer 1, ..., layer N]."""
+        return [x0] + hiddens
+
+
+class PerLayerHeads(nn.ModuleList):
+    """One Linear(D -> Dt) per layer (ARMHuBERT, MaskHuBERT, CoLLD); part of the deployed model."""
+
+    def __init__(self, dim, teacher_dim, num_layers, num_targets):
+        if num_targets != num_layers:
+            raise ValueError(f"per_layer heads need one target per layer: {num_targets} targets, {num_layers} layers "
+                             "(build with a teacher, model.build_student(preset, teacher), or set target_layers)")
+        super().__init__(nn.Linear(dim, teacher_dim) for _ in range(num_layers))
+
+    def forward(self, hiddens):
+        return [head(h) for head, h in zip(self, hiddens)]
+
+    def deployed(self, x0, hiddens):
+        """ARMHuBERT's SUPERB upstream returns the projected layers head_i(layer i)."""
+        return self(hiddens)
+
+
+@dataclass
+class GeneratorConfig:
+    """The generator's own settings; GenDistiller derives them from its StudentConfig (from_student)."""
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    num_outputs: int  # K generated teacher layers
+    teacher_dim: int
+    layer_norm_first: bool = False
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.1
+    fused_attention: bool = True
+
+    @classmethod
+    def from_student(cls, cfg: StudentConfig):
+        if cfg.reuse != "none" or cfg.layer_grad_scale or cfg.official_reuse:
+            raise ValueError("the GenDistiller generator has no attention-map reuse or layer_grad_scale "
+                             f"(got reuse={cfg.reuse!r}, layer_grad_scale={cfg.layer_grad_scale}, "
+                             f"official_reuse={cfg.official_reuse}); they are ARMHuBERT's")
+        return cls(dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
+                   num_outputs=len(cfg.target_layers), teacher_dim=cfg.teacher_dim,
+                   layer_norm_first=cfg.layer_norm_first, dropout=cfg.dropout,
+                   attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
+                   fused_attention=cfg.fused_attention)
+
+
+class Generator(nn.Module):
+    """GenDistiller's generator over K slots x T frames (the rule at the top of this section).
+
+    forward(x0, valid, history=None) -> K predictions (B, T, Dt)
+      x0 (B, T, D) the front end output, valid (B, T) bool; history: the K-1 teacher layers
+      l_1..l_{K-1} (B, T, Dt) for teacher forcing (one parallel pass), None = free-running.
+    """
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, Dt, K = cfg.dim, cfg.teacher_dim, cfg.num_outputs
+        self.layers = nn.ModuleList(TransformerLayer(cfg, cfg.attention_dropout) for _ in range(cfg.num_layers))
+        self.slot_emb = nn.Parameter(torch.randn(K, D) * 0.02)  # learned embedding of slot 0..K-1
+        # choice: teacher layers enter history slots unchanged when widths match, else via a Linear
+        self.history_proj = nn.Linear(Dt, D) if Dt != D else None
+        # choice: one output projection per generated layer (like DistilHuBERT's split heads)
+        self.out_proj = nn.ModuleList(nn.Linear(D, Dt) for _ in range(K))
+
+    def embed_history(self, layer):
+        """A teacher (or generated) layer (B, T, Dt) as a slot input (B, T, D)."""
+        return layer if self.history_proj is None else self.history_proj(layer)
+
+    def run(self, slots, valid):
+        """One parallel pass over S slots: slots[0] = X0, slots[k] = history for step k + 1, each
+        (B, T, D). Returns the S outputs (B, T, D), each slot's input added back (skip connection)."""
+        S = len(slots)
+        B, T, D = slots[0].shape
+        inputs = torch.stack(slots, dim=1)  # (B, S, T, D)
+        x = (inputs + self.slot_emb[:S, None, :]).reshape(B, S * T, D)  # (B, S*T, D): slot-major tokens
+        slot_of = torch.arange(S, device=x.device).repeat_interleave(T)  # (S*T,) slot of each token
+        causal = slot_of[None, :] <= slot_of[:, None]  # (S*T, S*T): query row, key column
+        allowed = causal[None, None] & valid.repeat(1, S)[:, None, None, :]  # (B, 1, S*T, S*T)
+        for layer in self.layers:
+            x, _ = layer(x, allowed)
+        return list((x.view(B, S, T, D) + inputs).unbind(dim=1))
+
+    def forward(self, x0, valid, history=None):
+        K = self.cfg.num_outputs
+        if history is not None:  # training with teacher forcing: all K steps in one parallel pass
+            if len(history) != K - 1:
+                raise ValueError(f"generator needs {K - 1} history layers, got {len(history)}")
+            outs = self.run([x0] + [self.embed_history(h) for h in history], valid)
+            return [proj(o) for proj, o in zip(self.out_proj, outs)]
+        preds, slots = [], [x0]
+        for k in range(K):  # free-running: slot k's output predicts layer k+1, then is fed back
+            outs = self.run(slots, valid)
+            preds.append(self.out_proj[k](outs[k]))  # (B, T, Dt)
+            slots.append(self.embed_history(preds[-1]))
+        return preds
+
+
+class GenDistiller(nn.Module):
+    """GenDistiller: the student front end (DistilHuBERT's, choice SPEC 4) and the generator.
+
+    forward(wav, lengths, history=None) -> (preds, frame_lengths), preds[k] (B, T, Dt) predicts teacher
+      layer cfg.target_layers[k]; history = the K-1 teacher layers (teacher forcing), None = free-running.
+    hidden_states(wav, lengths) -> the K generated teacher layers, free-running (no teacher needed).
+    """
+
+    def __init__(self, cfg: StudentConfig):
+        super().__init__()
+        if cfg.head != "generator":
+            raise ValueError(f"GenDistiller needs head='generator', got {cfg.head!r}")
+        self.cfg = cfg
+        self.front_end = FrontEnd(cfg)
+        self.generator = Generator(GeneratorConfig.from_student(cfg))
+        init_weights(cfg, self.front_end, self.generator.layers)
+
+    def cnn_features(self, wav, lengths):
+        return self.front_end.cnn_features(wav, lengths)
+
+    def forward(self, wav, lengths, history=None):
+        x0, valid, frame_lengths = self.front_end(wav, lengths)
+        return self.generator(x0, valid, history), frame_lengths
+
+    def hidden_states(self, wav, lengths):
+        return self(wav, lengths)
+
+
+# ----------------------------------------------------------------------------
+# 4. Building a student: target layers, fitting to a teacher, the one builder, loading
+#
+# Target-layer rule (SPEC 1-4), for a teacher of L_t layers:
+#   per-layer heads (ARMHuBERT, CoLLD): student layer i -> teacher layer phi(i) = round(i * L_t / L_s),
+#     halves rounded up, never below layer 1 (layer 0, the transformer input, is never a target);
+#   DistilHuBERT heads and GenDistiller outputs: teacher layers (4, 8, 12), scaled to L_t layers
+#     (choice: (8, 16, 24) for a 24-layer teacher) unless set explicitly.
+# ----------------------------------------------------------------------------
+
+
+def target_layers_for(cfg: StudentConfig, num_teacher_layers):
+    """The teacher layer (1-based) each output of the student `cfg` targets, by the rule above."""
+    L_t = num_teacher_layers
+    if cfg.head == "per_layer":
+        return tuple(max(1, math.floor(i * L_t / cfg.num_layers + 0.5)) for i in range(1, cfg.num_layers + 1))
+    if any(t > L_t for t in cfg.target_layers) or cfg.target_layers == (4, 8, 12):
+        return tuple(max(1, math.floor(t * L_t / 12 + 0.5)) for t in (4, 8, 12))
+    return cfg.target_layers
+
+
+def fit_to_teacher(cfg, teacher):
+    """Adapt a config to a teacher: output size, targets and, for teacher-initialised students,
+    the geometry of the copied parts. Returns (new config, list of 'field: old -> new' notes).
+
+    `teacher` is a Teacher or anything with its `config`, `dim`, `num_layers` and
+    `normalize_waveform` (bundle_description: a teacher's geometry without its weights).
+    - teacher_dim always follows the teacher; target_layers follow target_layers_for.
+    - init_from_teacher: DistilHuBERT's student IS the teacher's front end and first layers,
+      so conv, width, FFN, heads, positional conv and layer order come from the teacher.
+    - init_conv_from_teacher: only the conv stack (and its norm mode) comes from the teacher; the
+      student keeps its width and gets a LayerNorm(C) + Linear(C -> dim) projection.
+    """
+    c = teacher.config
+    new = dict(teacher_dim=teacher.dim, target_layers=target_layers_for(cfg, teacher.num_layers))
+    if cfg.init_conv_from_teacher or cfg.init_from_teacher:  # the conv is the teacher's, fed what it expects
+        new.update(conv_layers=[tuple(x) for x in c["extractor_conv_layer_config"]],
+                   conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"], feature_projection=True,
+                   normalize_waveform=teacher.normalize_waveform)
+    if cfg.init_from_teacher:
+        new.update(dim=teacher.dim, ffn_dim=c["encoder_ff_interm_features"],
+                   num_heads=c["encoder_num_heads"], pos_conv_kernel=c["encoder_pos_conv_kernel"],
+                   pos_conv_groups=c["encoder_pos_conv_groups"], layer_norm_first=c["encoder_layer_norm_first"])
+    notes = [f"{k}: {getattr(cfg, k)} -> {v} (fitted to teacher)" for k, v in new.items() if getattr(cfg, k) != v]
+    return replace(cfg, **new), notes
+
+
+def build_student(preset_or_cfg, teacher=None, overrides=None, copy_weights=True):
+    """The one way a student is made (distill.py, eval.py and load_student all come here).
+
+    preset_or_cfg: a PRESETS name or a StudentConfig; overrides: {field: value} set by the user
+    (--FIELD=VALUE), which win over fitting; teacher: a Teacher (or a description, see
+    fit_to_teacher) the config is fitted to; copy_weights: copy the teacher parts the config asks
+    for (init_from_teacher / init_conv_from_teacher) when the teacher has weights; False gives the
+    random-weight floor. Returns (Student or GenDistiller, notes on what was changed and why).
+    """
+    if isinstance(preset_or_cfg, str):
+        if preset_or_cfg not in PRESETS:
+            raise ValueError(f"unknown student preset {preset_or_cfg!r}; choose from {', '.join(PRESETS)}")
+        preset_or_cfg = PRESETS[preset_or_cfg]
+    overrides = dict(overrides or {})
+    cfg, notes = replace(preset_or_cfg, **overrides), []
+    if "dim" in overrides and "conv_layers" not in overrides and not cfg.feature_projection:
+        # ARMHuBERT-style front ends end in `dim` channels: resize the conv list with the width
+        cfg = replace(cfg, conv_layers=armhubert_conv(cfg.dim))
+        notes.append(f"conv_layers -> {cfg.conv_layers} (follows --dim)")
+    if teacher is not None:
+        cfg, fit_notes = fit_to_teacher(cfg, teacher)
+        notes += fit_notes
+        cfg = replace(cfg, **overrides)  # a user's explicit choice wins over fitting (init then checks shapes)
+        bad = [k for k in cfg.target_layers if not 1 <= k <= teacher.num_layers]
+        if bad:
+            raise ValueError(f"--target_layers {list(cfg.target_layers)}: layers {bad} do not exist; the teacher "
+                             f"has layers 1..{teacher.num_layers} (layer k = output of block k; 0, the transformer "
+                             "input, is never a target)")
+    student = GenDistiller(cfg) if cfg.head == "generator" else Student(cfg)
+    if copy_weights and isinstance(teacher, Teacher):
+        if cfg.init_from_teacher:
+            init_from_teacher(student, teacher)
+        elif cfg.init_conv_from_teacher:
+            init_conv_from_teacher(student, teacher)
+    return student, notes
+
+
+def load_student(path, device="cpu"):
+    """A student (eval mode) from a distill.py checkpoint: the config travels with the weights."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "student" not in ckpt:
+        raise ValueError(f"{path}: not a distill.py checkpoint (expected keys 'config' and 'student')")
+    student, _ = build_student(config_from_dict(ckpt["config"]))
+    student.load_state_dict(upgrade_state_dict(ckpt["student"], student.cfg))
+    return student.to(device).eval()
+
+
+# Fields added in 2026-12 (issue 9), with the behaviour a checkpoint written before them had.
+LEGACY_CONFIG = dict(init="pytorch", feature_grad_mult=1.0, layer_grad_scale=False, init_conv_from_teacher=False,
+                     normalize_waveform=False)
+
+
+def config_from_dict(d):
+    """StudentConfig from its asdict() form (tuples come back as lists from a checkpoint).
+    A checkpoint written before a field existed gets the behaviour it was trained with."""
+    d = {**LEGACY_CONFIG, "reuse_attention_dropout": d.get("attention_dropout", 0.1), **d}
+    d["conv_layers"] = [tuple(c) for c in d["conv_layers"]]
+    d["target_layers"] = tuple(d["target_layers"])
+    return StudentConfig(**d)
+
+
+def config_to_dict(cfg):
+    return asdict(cfg)
+
+
+# Parameter names before the front end, heads and generator became modules of their own (2026-12).
+_OLD_FRONT_END = ("conv_layers.", "feature_norm.", "feature_proj.", "mask_emb", "pos_conv.", "pos_norm.")
+
+
+def upgrade_state_dict(state, cfg):
+    """A student state dict in today's parameter names; checkpoints written before 2026-12 had the
+    front end, DistilHuBERT's heads (pred_shared, pred_split) and the generator at the top level."""
+    if not any(k.startswith("conv_layers.") for k in state):
+        return state
+    generator = cfg.head == "generator"
+
+    def new_name(k):
+        if k.startswith(_OLD_FRONT_END):
+            return "front_end." + k
+        if k.startswith("pred_shared."):
+            return "heads.shared." + k[len("pred_shared."):]
+        if k.startswith("pred_split."):
+            return "heads.split." + k[len("pred_split."):]
+        if generator and k.startswith(("layers.", "slot_emb", "history_proj.", "out_proj.")):
+            return "generator." + k
+        return k
+
+    return {new_name(k): v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------
+# 5. The frozen teacher
+#
+# Rule: teacher layer k = output of transformer block k (section 1), computed with the same
+# padding-exact conv front end as the students, without grad, in float32.
 # Every source ends in `teacher_from_checkpoint(ckpt)` with a torchaudio-format dict
 #   {"config": kwargs of torchaudio.models.wav2vec2_model / wavlm_model,
 #    "state_dict": torchaudio key names, optional "mask_emb": (D,), optional
@@ -203,7 +857,7 @@ class Teacher(nn.Module):
             features, frame_lengths = self.cnn_features(wav, lengths)  # (B, T, C)
             encoder = self.model.encoder
             x = encoder.feature_projection(features)  # (B, T, D): LayerNorm, Linear, dropout
-            pad = padding_mask(frame_lengths, x.shape[1])  # (B, T)
+            pad = ~data.valid_frames(frame_lengths, x.shape[1])  # (B, T): torchaudio's layers take padding masks
             if mask is not None:
                 x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)  # (B, T, D)
             x = x.masked_fill(pad[..., None], 0.0)  # as torchaudio: padded frames are zero
@@ -362,22 +1016,33 @@ def bundle_config(name):
 def bundle_description(name):
     """What fit_to_teacher reads of a teacher (config, dim, num_layers, normalize_waveform), for a
     bundle, without building it."""
-    import types
-
     config, normalize = bundle_config(name)
     return types.SimpleNamespace(config=config, dim=config["encoder_embed_dim"], num_layers=config["encoder_num_layers"],
                                  normalize_waveform=normalize)
 
 
-def tiny_teacher_checkpoint(seed=0):
-    """A seeded random `tiny` teacher in the torchaudio-format dict (mask_emb included)."""
+def random_teacher_checkpoint(name="tiny", seed=0):
+    """A seeded random teacher as a torchaudio-format dict (mask_emb included): `tiny`, or the
+    geometry of a bundle in BUNDLES (nothing is downloaded; timing and floors need no trained weights)."""
     import torchaudio
 
+    if name == "tiny":
+        config = TINY_TEACHER_CONFIG
+    elif name.lower() in BUNDLES:
+        config, _ = bundle_config(name)
+    else:
+        raise ValueError(f"random:{name}: not a teacher bundle name ({', '.join(BUNDLES)}) nor 'tiny'")
+    build = torchaudio.models.wavlm_model if "encoder_num_buckets" in config else torchaudio.models.wav2vec2_model
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = torchaudio.models.wav2vec2_model(**TINY_TEACHER_CONFIG)
-        mask_emb = torch.rand(TINY_TEACHER_CONFIG["encoder_embed_dim"])  # fairseq inits it uniform
-    return {"config": TINY_TEACHER_CONFIG, "state_dict": model.state_dict(), "mask_emb": mask_emb}
+        model = build(**config)
+        mask_emb = torch.rand(config["encoder_embed_dim"])  # fairseq inits mask_emb uniform
+    return {"config": config, "state_dict": model.state_dict(), "mask_emb": mask_emb}
+
+
+def random_teacher(name="tiny", seed=0):
+    """A Teacher with random weights (see random_teacher_checkpoint), named `random:NAME`."""
+    return teacher_from_checkpoint(random_teacher_checkpoint(name, seed), name=f"random:{name}")
 
 
 def load_teacher(name_or_path, device="cpu"):
@@ -387,7 +1052,7 @@ def load_teacher(name_or_path, device="cpu"):
     import torchaudio
 
     if name_or_path == "tiny":
-        ckpt = tiny_teacher_checkpoint()
+        ckpt = random_teacher_checkpoint("tiny", seed=0)
     elif name_or_path.lower() in BUNDLES:
         config, normalize = bundle_config(name_or_path)
         bundle = getattr(torchaudio.pipelines, BUNDLES[name_or_path.lower()])
@@ -417,482 +1082,37 @@ def load_teacher(name_or_path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------
-# 3. The student
+# 6. Initialisation from the teacher
+#
+# DistilHuBERT (Sec. 2): the student's conv front end, projection, positional conv and its N layers
+# start as the teacher's front end and first N layers (GenDistiller: the same, choice SPEC 4).
 # ----------------------------------------------------------------------------
 
-HUBERT_CONV = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2  # total stride 320 (20 ms), field 400
-# ARMHuBERT's conv (official code): narrower, the 1x1 convs only change channel counts, so
-# stride (320) and receptive field (400) are HuBERT's. The last two need channels == dim.
-def armhubert_conv(dim):
-    return [(128, 10, 5), (256, 1, 1)] + [(256, 3, 2)] * 4 + [(dim, 1, 1)] + [(dim, 2, 2)] * 2
-
-
-@dataclass
-class StudentConfig:
-    # front end
-    conv_layers: List[Tuple[int, int, int]] = field(default_factory=lambda: list(HUBERT_CONV))  # (channels, kernel, stride)
-    conv_norm: str = "group_norm"  # "group_norm": GroupNorm after the first conv only (HuBERT Base); "layer_norm": after each
-    conv_bias: bool = False
-    feature_projection: bool = True  # LayerNorm(C) + Linear(C -> dim); False: LayerNorm(dim) only (ARMHuBERT)
-    mask_embedding: bool = True  # a learned (dim,) vector for masked frames (masking methods)
-    pos_conv_kernel: int = 128  # frames (2.56 s)
-    pos_conv_groups: int = 16
-    # transformer
-    dim: int = 768
-    ffn_dim: int = 3072
-    num_heads: int = 12
-    num_layers: int = 2
-    reuse: str = "none"  # "none" | "alternate": layers 2, 4, ... reuse the previous layer's attention map
-    layer_norm_first: bool = False  # post-LN (HuBERT Base, the papers' students); True = pre-LN (Large)
-    dropout: float = 0.1
-    attention_dropout: float = 0.1  # on the attention probabilities of layers that compute their own map
-    # official ARMHuBERT: a reuse layer multiplies the previous layer's map with the values without
-    # any dropout of its own (the map it receives is the pre-dropout probability)
-    reuse_attention_dropout: float = 0.0
-    activation_dropout: float = 0.1
-    input_dropout: float = 0.0  # on the projected features, before masking (fairseq dropout_input; presets set it)
-    feature_grad_mult: float = 1.0  # gradient into the conv front end is scaled by this (fairseq/s3prl; forward unchanged)
-    # ARMHuBERT official `layer_grad_scale` (see layer_grad_scales for the exact factors)
-    layer_grad_scale: bool = False
-    # "bert": fairseq/official: transformer Linears N(0, 0.02) with zero bias (init_bert_params),
-    # kaiming-normal conv kernels; "pytorch": nn defaults there (this project before 2026-12); the
-    # positional conv and mask embedding keep their fairseq inits in both
-    init: str = "bert"
-    fused_attention: bool = True  # scaled_dot_product_attention where no map is needed; False = explicit path
-    official_reuse: bool = False  # re-apply softmax to the reused map like the official code (to load its checkpoints)
-    # heads: "distilhubert" (shared + split heads on the last layer), "per_layer" (one Linear per
-    # layer), "generator" (the layers run as GenDistiller's generator over K slots x T frames)
-    head: str = "per_layer"
-    teacher_dim: int = 768
-    target_layers: Tuple[int, ...] = ()  # teacher layer (1-based) predicted by each output; set by fit_to_teacher
-    init_from_teacher: bool = False  # copy conv, projection, pos conv and the first layers from the teacher
-    # copy only the teacher's conv front end and its LayerNorm (the student keeps its own width, a
-    # Linear(C -> dim) projection is added); kit recipe for scratch students, not in the papers
-    # (ignored when init_from_teacher copies the whole front end anyway)
-    init_conv_from_teacher: bool = False
-    # standardise each utterance before the conv: set by fit_to_teacher when the conv comes from a
-    # teacher that expects it (Large / XLS-R models)
-    normalize_waveform: bool = False
-
-
-# Presets: the papers' numbers for a HuBERT Base teacher (768-d, 12 layers).
-PRESETS = {
-    # DistilHuBERT, Chang et al. 2022, Table 1 / s3prl config: 2 layers, teacher-initialised, heads -> 4, 8, 12
-    # (s3prl config_model.yaml: no input dropout, feature_grad_mult 0.1)
-    "distilhubert": StudentConfig(head="distilhubert", num_layers=2, mask_embedding=False,
-                                  target_layers=(4, 8, 12), init_from_teacher=True, feature_grad_mult=0.1),
-    # Recycle-and-Distill Table 1 (ARMHuBERT): D 480, FFN 864, 12 layers, alternate reuse;
-    # official armhubert-960.yaml: dropout_input 0.05, layer_grad_scale True
-    "armhubert": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
-                               ffn_dim=864, num_layers=12, reuse="alternate", input_dropout=0.05,
-                               layer_grad_scale=True),
-    # Recycle-and-Distill Table 1 (ARMHuBERT-S): D 432, FFN 816 (official armhubert-S yaml as above)
-    "armhubert-s": StudentConfig(conv_layers=armhubert_conv(432), feature_projection=False, dim=432,
-                                 ffn_dim=816, num_layers=12, reuse="alternate", input_dropout=0.05,
-                                 layer_grad_scale=True),
-    # Recycle-and-Distill Table 1 (MaskHuBERT, the no-reuse ablation): D 480, FFN 640;
-    # official maskhubert yaml: dropout_input 0.05, layer_grad_scale False
-    "maskhubert": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
-                                ffn_dim=640, num_layers=12, input_dropout=0.05),
-    # CoLLD: no size in the paper; choice (SPEC 3): the maskhubert geometry and settings, to
-    # compare with ARMHuBERT at equal size
-    "colld": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
-                           ffn_dim=640, num_layers=12, input_dropout=0.05),
-    # GenDistiller: choice (SPEC 4): DistilHuBERT front end (and its settings), a 2-layer
-    # 768-d generator over slots
-    "gendistiller": StudentConfig(head="generator", num_layers=2, mask_embedding=False,
-                                  target_layers=(4, 8, 12), init_from_teacher=True, feature_grad_mult=0.1),
-}
-# The papers' parameter figures (millions) and what they count.
-PAPER_PARAMS = {"distilhubert": (23.49, "without prediction heads"), "armhubert": (26.45, "with heads"),
-                "armhubert-s": (22.39, "with heads"), "maskhubert": (26.64, "with heads"),
-                "colld": (None, "with heads"), "gendistiller": (None, "with output projections")}
-
-
-def fit_to_teacher(cfg, teacher):
-    """Adapt a preset to a teacher: output size, targets and, for teacher-initialised students,
-    the geometry of the copied parts. Returns (new config, list of 'field: old -> new' notes).
-
-    - teacher_dim always follows the teacher.
-    - target_layers: per_layer heads map student layer i to teacher layer phi(i) = round(i * L_t / L_s)
-      (SPEC 3), rounding halves up (Python's round() rounds them to even) and never below layer 1;
-      the distilhubert/generator default (4, 8, 12) is scaled to L_t layers (choice: (8, 16, 24)
-      for a 24-layer teacher), unless the user set them.
-    - init_from_teacher: DistilHuBERT's student IS the teacher's front end and first layers,
-      so conv, width, FFN, heads, positional conv and layer order come from the teacher.
-    - init_conv_from_teacher: only the conv stack (and its norm mode) comes from the teacher; the
-      student keeps its width and gets a LayerNorm(C) + Linear(C -> dim) projection.
-    """
-    c = teacher.config
-    new = dict(teacher_dim=teacher.dim)
-    L_t = teacher.num_layers
-    if cfg.head == "per_layer":
-        new["target_layers"] = tuple(max(1, math.floor(i * L_t / cfg.num_layers + 0.5)) for i in range(1, cfg.num_layers + 1))
-    elif any(t > L_t for t in cfg.target_layers) or cfg.target_layers == (4, 8, 12):
-        new["target_layers"] = tuple(max(1, math.floor(t * L_t / 12 + 0.5)) for t in (4, 8, 12))
-    if cfg.init_conv_from_teacher or cfg.init_from_teacher:  # the conv is the teacher's, fed what it expects
-        new.update(conv_layers=[tuple(x) for x in c["extractor_conv_layer_config"]],
-                   conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"], feature_projection=True,
-                   normalize_waveform=teacher.normalize_waveform)
-    if cfg.init_from_teacher:
-        new.update(dim=teacher.dim, ffn_dim=c["encoder_ff_interm_features"],
-                   num_heads=c["encoder_num_heads"], pos_conv_kernel=c["encoder_pos_conv_kernel"],
-                   pos_conv_groups=c["encoder_pos_conv_groups"], layer_norm_first=c["encoder_layer_norm_first"])
-    notes = [f"{k}: {getattr(cfg, k)} -> {v} (fitted to teacher)" for k, v in new.items() if getattr(cfg, k) != v]
-    return replace(cfg, **new), notes
-
-
-class ConvBlock(nn.Module):
-    """One conv of the front end; `.conv` / `.layer_norm` named as torchaudio's so conv_front_end runs both."""
-
-    def __init__(self, c_in, c_out, kernel, stride, bias, norm):
-        super().__init__()
-        self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, bias=bias)
-        self.layer_norm = norm  # GroupNorm(C, C), LayerNorm(C) or None
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention; a reuse layer (ARMHuBERT) has no query/key projections.
-
-    forward(x, allowed, prev_attn) -> (out, attn)
-      x (B, T, D); allowed: bool, broadcastable to (B, H, T, T), True where query t may look at
-      key t'; prev_attn (B, H, T, T): the previous layer's attention probabilities (reuse only).
-      attn is returned when `need_attn` (the next layer reuses it), else None.
-    """
-
-    def __init__(self, dim, num_heads, dropout, reuse=False, fused=True, official_reuse=False):
-        super().__init__()
-        assert dim % num_heads == 0, f"dim {dim} is not divisible by num_heads {num_heads}"
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.reuse, self.fused, self.official_reuse = reuse, fused, official_reuse
-        self.dropout = dropout
-        if not reuse:  # the parameters ARMHuBERT saves: no W_Q, W_K in a reuse layer
-            self.q_proj = nn.Linear(dim, dim)
-            self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x, allowed, prev_attn=None, need_attn=False):
-        B, T, D = x.shape
-        H, Dh = self.num_heads, self.head_dim
-        p = self.dropout if self.training else 0.0
-        v = self.v_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
-        if self.reuse:
-            # Recycle-and-Distill: A_l = A_{l-1}, the previous layer's softmax probabilities for the
-            # same sample and head, used as they are (no renormalisation); gradients flow into the
-            # previous layer's Q/K through it.
-            attn = prev_attn  # (B, H, T, T)
-            if self.official_reuse:
-                # note: the official code applies softmax a second time to the already normalised map;
-                # kept only to reproduce its released checkpoints (SPEC 2)
-                attn = attn.softmax(dim=-1)
-        else:
-            q = self.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
-            k = self.k_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
-            if self.fused and not need_attn:
-                # fast path, tested equal to the explicit one below
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # (B, H, T, Dh)
-                return self.out_proj(out.transpose(1, 2).reshape(B, T, D)), None
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(Dh)  # (B, H, T, T)
-            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-            attn = scores.softmax(dim=-1)  # (B, H, T, T), each row sums to 1 over allowed keys
-        # dropout acts on a copy; the map handed to the next (reuse) layer is the clean, pre-dropout
-        # probability (the paper says "the attention map"; the official code hands on the pre-dropout one)
-        out = F.dropout(attn, p, self.training) @ v  # (B, H, T, Dh)
-        out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        return self.out_proj(out), (attn if need_attn else None)
-
-
-class TransformerLayer(nn.Module):
-    """A wav2vec 2.0 / HuBERT encoder block, post-LN (Base) or pre-LN (Large)."""
-
-    def __init__(self, cfg: StudentConfig, reuse=False):
-        super().__init__()
-        self.layer_norm_first = cfg.layer_norm_first
-        attention_dropout = cfg.reuse_attention_dropout if reuse else cfg.attention_dropout
-        self.attention = SelfAttention(cfg.dim, cfg.num_heads, attention_dropout, reuse,
-                                       cfg.fused_attention, cfg.official_reuse)
-        self.layer_norm = nn.LayerNorm(cfg.dim)  # after attention (post-LN) / before it (pre-LN)
-        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim)
-        self.final_layer_norm = nn.LayerNorm(cfg.dim)
-        self.dropout, self.activation_dropout = cfg.dropout, cfg.activation_dropout
-
-    def ffn(self, x):
-        x = F.dropout(F.gelu(self.fc1(x)), self.activation_dropout, self.training)  # (B, T, F)
-        return F.dropout(self.fc2(x), self.dropout, self.training)  # (B, T, D)
-
-    def forward(self, x, allowed, prev_attn=None, need_attn=False):
-        residual = x
-        if self.layer_norm_first:
-            x = self.layer_norm(x)
-        x, attn = self.attention(x, allowed, prev_attn, need_attn)
-        x = residual + F.dropout(x, self.dropout, self.training)
-        if self.layer_norm_first:
-            x = x + self.ffn(self.final_layer_norm(x))
-        else:
-            x = self.layer_norm(x)
-            x = self.final_layer_norm(x + self.ffn(x))
-        return x, attn
-
-
-class ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale` backward (fairseq's GradMultiply)."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
-def layer_grad_scales(num_layers):
-    """Official ARMHuBERT `layer_grad_scale` factors m_i = (N - i) / (N + 1 - i), i = 0..N-1 (0-based):
-    12/13, 11/12, ..., 1/2 for N = 12. After layer i the output x_i is replaced by GradMultiply(x_i, m_i),
-    which feeds layer i + 1, and layer i's head reads GradMultiply(that, 1 - m_i). The head's copy is
-    built on the already scaled tensor (as the official code), so the gradient reaching x_i is
-    m_i * (gradient from above) + m_i * (1 - m_i) * (gradient from head i)."""
-    return [(num_layers - i) / (num_layers + 1 - i) for i in range(num_layers)]
-
-
-def init_bert_params(module):
-    """fairseq's init_bert_params, as the official ARMHuBERT code and s3prl apply it to the transformer
-    encoder only: every Linear weight N(0, 0.02), zero bias. (The conv front end gets fairseq's
-    kaiming-normal kernels in Student.__init__; the positional conv keeps its N(0, sqrt(4 / (k * D)));
-    the projection, heads and mask embedding keep PyTorch's defaults, as in the official code.)"""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-class Student(nn.Module):
-    """Every student of the four methods; `cfg.head` picks how the layers are read out.
-
-    forward(wav, lengths, mask=None, history=None) -> (preds, frame_lengths)
-      preds[j] (B, T, teacher_dim) predicts teacher layer cfg.target_layers[j].
-      mask (B, T) bool: frames replaced by the learned mask embedding (ARMHuBERT, CoLLD).
-      history (generator only): list of K-1 teacher layers for teacher forcing; None = free-running.
-    hidden_states(wav, lengths) -> (list of (B, T, D') tensors, frame_lengths), for SUPERB-style probes:
-      distilhubert: [transformer input, layer 1, ..., layer N] (dim D, heads dropped as in the paper)
-      per_layer (armhubert, maskhubert, colld): the N projected layers head_i(layer i) (teacher_dim),
-        as ARMHuBERT's SUPERB upstream returns them
-      generator: the K generated teacher layers, free-running (teacher_dim)
-    """
-
-    def __init__(self, cfg: StudentConfig):
-        super().__init__()
-        self.cfg = cfg
-        D = cfg.dim
-        # --- conv front end, written out from cfg.conv_layers
-        if cfg.conv_norm not in ("group_norm", "layer_norm"):
-            raise ValueError(f"conv_norm={cfg.conv_norm!r}: expected 'group_norm' or 'layer_norm'")
-        blocks, c_in = [], 1
-        for i, (c, k, s) in enumerate(cfg.conv_layers):
-            if cfg.conv_norm == "layer_norm":
-                norm = nn.LayerNorm(c)
-            else:  # "group_norm": fairseq's GroupNorm(C, C) after the first conv only
-                norm = nn.GroupNorm(c, c) if i == 0 else None
-            blocks.append(ConvBlock(c_in, c, k, s, cfg.conv_bias, norm))
-            c_in = c
-        self.conv_layers = nn.ModuleList(blocks)
-        C = c_in
-        if cfg.feature_projection:
-            # choice: a LayerNorm on the conv features before the projection, as HuBERT (teacher-initialised
-            # students copy the teacher's); s3prl's DistilHuBERT has none and feeds raw features to the copy
-            self.feature_norm = nn.LayerNorm(C)
-            self.feature_proj = nn.Linear(C, D)
-        else:
-            if C != D:
-                raise ValueError(f"feature_projection=False needs the last conv to have dim={D} channels, got {C}")
-            self.feature_norm = nn.LayerNorm(D)
-            self.feature_proj = None
-        self.mask_emb = nn.Parameter(torch.empty(D).uniform_()) if cfg.mask_embedding else None
-        # --- convolutional positional embedding (weight norm over the kernel axis, as fairseq)
-        pos_conv = nn.Conv1d(D, D, cfg.pos_conv_kernel, padding=cfg.pos_conv_kernel // 2, groups=cfg.pos_conv_groups)
-        nn.init.normal_(pos_conv.weight, mean=0.0, std=math.sqrt(4.0 / (cfg.pos_conv_kernel * D)))
-        nn.init.zeros_(pos_conv.bias)
-        self.pos_conv = nn.utils.parametrizations.weight_norm(pos_conv, name="weight", dim=2)
-        self.pos_norm = None if cfg.layer_norm_first else nn.LayerNorm(D)  # pre-LN models normalise in the blocks
-        # --- transformer layers; with reuse="alternate" layers 2, 4, ... (1-based) reuse
-        if cfg.reuse not in ("none", "alternate"):
-            raise ValueError(f"reuse={cfg.reuse!r}: expected 'none' or 'alternate'")
-        self.reuses = [cfg.reuse == "alternate" and i % 2 == 1 for i in range(cfg.num_layers)]  # 0-based i
-        self.layers = nn.ModuleList(TransformerLayer(cfg, reuse=r) for r in self.reuses)
-        # --- heads
-        K, Dt = len(cfg.target_layers), cfg.teacher_dim
-        if cfg.head == "distilhubert":
-            # s3prl: shared Linear(D -> K * Dt) + GELU, then K independent Linear(Dt -> Dt)
-            self.pred_shared = nn.Linear(D, K * Dt)
-            self.pred_split = nn.ModuleList(nn.Linear(Dt, Dt) for _ in range(K))
-        elif cfg.head == "per_layer":
-            if K != cfg.num_layers:
-                raise ValueError(f"per_layer heads need one target per layer: {K} targets, {cfg.num_layers} layers "
-                                 "(build with a teacher, model.build_student(preset, teacher), or set target_layers)")
-            self.heads = nn.ModuleList(nn.Linear(D, Dt) for _ in range(cfg.num_layers))
-        elif cfg.head == "generator":
-            self.slot_emb = nn.Parameter(torch.randn(K, D) * 0.02)  # learned embedding of slot 0..K-1
-            # choice: teacher layers enter history slots unchanged when widths match, else via a Linear
-            self.history_proj = nn.Linear(Dt, D) if Dt != D else None
-            # choice: one output projection per generated layer (like DistilHuBERT's split heads)
-            self.out_proj = nn.ModuleList(nn.Linear(D, Dt) for _ in range(K))
-        else:
-            raise ValueError(f"head={cfg.head!r}: expected 'distilhubert', 'per_layer' or 'generator'")
-        if cfg.init == "bert":
-            self.layers.apply(init_bert_params)
-            for block in self.conv_layers:  # fairseq ConvFeatureExtractionModel
-                nn.init.kaiming_normal_(block.conv.weight)
-        elif cfg.init != "pytorch":
-            raise ValueError(f"init={cfg.init!r}: expected 'bert' or 'pytorch'")
-
-    # --- front end: wav -> features -> transformer input X0
-    def cnn_features(self, wav, lengths):
-        """(B, T, C) conv features and frame_lengths (the `cnn:` floor in eval.py)."""
-        if self.cfg.normalize_waveform:
-            wav = standardize_waveform(wav.float(), lengths).to(wav.dtype)
-        return conv_front_end(self.conv_layers, wav, lengths)
-
-    def front_end(self, wav, lengths, mask=None):
-        """X0 (B, T, D), pad (B, T) bool, frame_lengths (B,)."""
-        features, frame_lengths = self.cnn_features(wav, lengths)  # (B, T, C)
-        if self.cfg.feature_grad_mult != 1.0:
-            features = ScaleGrad.apply(features, self.cfg.feature_grad_mult)  # (fairseq feature_grad_mult)
-        x = self.feature_norm(features)
-        if self.feature_proj is not None:
-            x = self.feature_proj(x)  # (B, T, D)
-        x = F.dropout(x, self.cfg.input_dropout, self.training)
-        if mask is not None:
-            if self.mask_emb is None:
-                raise ValueError("this student has no mask embedding (mask_embedding=False) but got a mask")
-            x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)  # masked frames -> learned vector
-        pad = padding_mask(frame_lengths, x.shape[1])  # (B, T)
-        x = x.masked_fill(pad[..., None], 0.0)  # padded frames must not enter the positional conv
-        pos = self.pos_conv(x.transpose(1, 2))  # (B, D, T + 1) for an even kernel
-        pos = pos[..., : x.shape[1]]  # drop the extra frame of the even kernel: (B, D, T)
-        x = x + F.gelu(pos).transpose(1, 2)  # (B, T, D)
-        if self.pos_norm is not None:
-            x = self.pos_norm(x)
-        x = F.dropout(x, self.cfg.dropout, self.training)
-        return x, pad, frame_lengths
-
-    # --- encoder: the transformer layers with attention-map reuse
-    def encode(self, x, pad):
-        """Run the layers over time; returns the N layer outputs, each (B, T, D)."""
-        allowed = ~pad[:, None, None, :]  # (B, 1, 1, T): every query may look at every valid key
-        scales = layer_grad_scales(len(self.layers)) if self.cfg.layer_grad_scale else None
-        hiddens, attn = [], None
-        for i, layer in enumerate(self.layers):
-            next_reuses = i + 1 < len(self.layers) and self.reuses[i + 1]
-            x, attn = layer(x, allowed, prev_attn=attn, need_attn=next_reuses)
-            if scales is None:
-                hiddens.append(x)
-            else:  # same values, gradients rescaled exactly as the official code (layer_grad_scales)
-                x = ScaleGrad.apply(x, scales[i])  # feeds layer i + 1
-                hiddens.append(ScaleGrad.apply(x, 1.0 - scales[i]))  # feeds head i, built on the scaled x
-        return hiddens
-
-    # --- GenDistiller generator (SPEC 4)
-    def embed_history(self, layer):
-        """A teacher (or generated) layer (B, T, Dt) as a generator slot input (B, T, D)."""
-        return layer if self.history_proj is None else self.history_proj(layer)
-
-    def run_generator(self, slots, pad):
-        """One parallel pass of the generator over S slots.
-
-        slots: list of S inputs (B, T, D): slot 0 = X0, slot k = history for step k+1.
-        Token (k, t) attends to (k', t') iff k' <= k and t' is valid: causal over layers,
-        bidirectional over time. Returns the S outputs (B, T, D), skip connection included.
-        """
-        S = len(slots)
-        B, T, D = slots[0].shape
-        inputs = torch.stack(slots, dim=1)  # (B, S, T, D)
-        x = (inputs + self.slot_emb[:S, None, :]).reshape(B, S * T, D)  # (B, S*T, D): slot-major tokens
-        slot_of = torch.arange(S, device=x.device).repeat_interleave(T)  # (S*T,) slot of each token
-        causal = slot_of[None, :] <= slot_of[:, None]  # (S*T, S*T): query row, key column
-        allowed = causal[None, None] & ~pad.repeat(1, S)[:, None, None, :]  # (B, 1, S*T, S*T)
-        for layer in self.layers:
-            x, _ = layer(x, allowed)
-        return list((x.view(B, S, T, D) + inputs).unbind(dim=1))  # skip: each slot's input added back
-
-    def generate(self, x0, pad, history=None):
-        """Predict the K target layers; teacher-forced when `history` is given, else free-running."""
-        K = len(self.cfg.target_layers)
-        if history is not None:  # training with teacher forcing: all K steps in one parallel pass
-            if len(history) != K - 1:
-                raise ValueError(f"generator needs {K - 1} history layers, got {len(history)}")
-            outs = self.run_generator([x0] + [self.embed_history(h) for h in history], pad)
-            return [proj(o) for proj, o in zip(self.out_proj, outs)]
-        preds, slots = [], [x0]
-        for k in range(K):  # free-running: slot k's output predicts layer k+1, then is fed back
-            outs = self.run_generator(slots, pad)
-            preds.append(self.out_proj[k](outs[k]))  # (B, T, Dt)
-            slots.append(self.embed_history(preds[-1]))
-        return preds
-
-    def forward(self, wav, lengths, mask=None, history=None):
-        x, pad, frame_lengths = self.front_end(wav, lengths, mask)
-        if self.cfg.head == "generator":
-            return self.generate(x, pad, history), frame_lengths
-        hiddens = self.encode(x, pad)
-        if self.cfg.head == "distilhubert":
-            B, T, _ = hiddens[-1].shape
-            K, Dt = len(self.pred_split), self.cfg.teacher_dim
-            shared = F.gelu(self.pred_shared(hiddens[-1])).view(B, T, K, Dt)  # (B, T, K, Dt)
-            return [split(shared[:, :, j]) for j, split in enumerate(self.pred_split)], frame_lengths
-        return [head(h) for head, h in zip(self.heads, hiddens)], frame_lengths
-
-    def hidden_states(self, wav, lengths):
-        x, pad, frame_lengths = self.front_end(wav, lengths)
-        if self.cfg.head == "generator":
-            return self.generate(x, pad), frame_lengths
-        hiddens = self.encode(x, pad)
-        if self.cfg.head == "distilhubert":
-            return [x] + hiddens, frame_lengths
-        return [head(h) for head, h in zip(self.heads, hiddens)], frame_lengths
-
-
-def build_student(preset_or_cfg, teacher=None, **overrides):
-    """A Student from a preset name or config, fitted to `teacher` when given."""
-    if isinstance(preset_or_cfg, str):
-        if preset_or_cfg not in PRESETS:
-            raise ValueError(f"unknown student preset {preset_or_cfg!r}; choose from {', '.join(PRESETS)}")
-        cfg = PRESETS[preset_or_cfg]
-    else:
-        cfg = preset_or_cfg
-    cfg = replace(cfg, **overrides)
-    if teacher is not None:
-        cfg, _ = fit_to_teacher(cfg, teacher)
-    return Student(cfg)
-
-
-# ----------------------------------------------------------------------------
-# 4. Initialisation from the teacher, saving and loading
-# ----------------------------------------------------------------------------
-
-def teacher_to_student_keys(teacher, num_layers):
-    """Student key -> teacher key for the parts DistilHuBERT copies (and GenDistiller, choice)."""
+def teacher_to_student_keys(teacher, num_layers, layers="layers."):
+    """Student key -> teacher key for the parts DistilHuBERT copies (and GenDistiller, choice):
+    the front end (under `front_end.`) and `num_layers` transformer layers (under `layers`:
+    "layers." in a Student, "generator.layers." in a GenDistiller)."""
     t = teacher.model
     keys = {}
     for i, block in enumerate(t.feature_extractor.conv_layers):
         for name, _ in block.named_parameters():
-            keys[f"conv_layers.{i}.{name}"] = f"feature_extractor.conv_layers.{i}.{name}"
+            keys[f"front_end.conv_layers.{i}.{name}"] = f"feature_extractor.conv_layers.{i}.{name}"
     keys.update({
-        "feature_norm.weight": "encoder.feature_projection.layer_norm.weight",
-        "feature_norm.bias": "encoder.feature_projection.layer_norm.bias",
-        "feature_proj.weight": "encoder.feature_projection.projection.weight",
-        "feature_proj.bias": "encoder.feature_projection.projection.bias",
-        "pos_conv.bias": "encoder.transformer.pos_conv_embed.conv.bias",
-        "pos_conv.parametrizations.weight.original0": "encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original0",
-        "pos_conv.parametrizations.weight.original1": "encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original1",
+        "front_end.feature_norm.weight": "encoder.feature_projection.layer_norm.weight",
+        "front_end.feature_norm.bias": "encoder.feature_projection.layer_norm.bias",
+        "front_end.feature_proj.weight": "encoder.feature_projection.projection.weight",
+        "front_end.feature_proj.bias": "encoder.feature_projection.projection.bias",
+        "front_end.pos_conv.bias": "encoder.transformer.pos_conv_embed.conv.bias",
+        "front_end.pos_conv.parametrizations.weight.original0":
+            "encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original0",
+        "front_end.pos_conv.parametrizations.weight.original1":
+            "encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original1",
     })
     if not teacher.config["encoder_layer_norm_first"]:  # post-LN: the LayerNorm after the pos conv
-        keys["pos_norm.weight"] = "encoder.transformer.layer_norm.weight"
-        keys["pos_norm.bias"] = "encoder.transformer.layer_norm.bias"
+        keys["front_end.pos_norm.weight"] = "encoder.transformer.layer_norm.weight"
+        keys["front_end.pos_norm.bias"] = "encoder.transformer.layer_norm.bias"
     for i in range(num_layers):
-        s, tl = f"layers.{i}.", f"encoder.transformer.layers.{i}."
+        s, tl = f"{layers}{i}.", f"encoder.transformer.layers.{i}."
         for p in ("weight", "bias"):
             for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
                 keys[f"{s}attention.{n}.{p}"] = f"{tl}attention.{n}.{p}"
@@ -913,7 +1133,8 @@ def init_from_teacher(student, teacher):
     if teacher.is_wavlm:
         raise ValueError("init_from_teacher copies HuBERT-style layers; WavLM attention differs "
                          "(gated relative position bias). Pass --init_from_teacher=false.")
-    mapping = teacher_to_student_keys(teacher, min(student.cfg.num_layers, teacher.num_layers))
+    layers = "generator.layers." if isinstance(student, GenDistiller) else "layers."
+    mapping = teacher_to_student_keys(teacher, min(student.cfg.num_layers, teacher.num_layers), layers)
     return copy_from_teacher(student, teacher, mapping, "init_from_teacher: student and teacher shapes")
 
 
@@ -923,7 +1144,7 @@ def init_conv_from_teacher(student, teacher):
     scratch students: --init_conv_from_teacher=true). The projection to the student's width, the
     positional conv and the layers stay as initialised. Returns the copied student keys."""
     mapping = {s: t for s, t in teacher_to_student_keys(teacher, 0).items()
-               if s.startswith(("conv_layers.", "feature_norm."))}
+               if s.startswith(("front_end.conv_layers.", "front_end.feature_norm."))}
     return copy_from_teacher(student, teacher, mapping, "init_conv_from_teacher: student and teacher conv shapes")
 
 
@@ -942,36 +1163,8 @@ def copy_from_teacher(student, teacher, mapping, what):
     return sorted(mapping)
 
 
-def load_student(path, device="cpu"):
-    """A Student (eval mode) from a distill.py checkpoint: the config travels with the weights."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "student" not in ckpt:
-        raise ValueError(f"{path}: not a distill.py checkpoint (expected keys 'config' and 'student')")
-    student = Student(config_from_dict(ckpt["config"]))
-    student.load_state_dict(ckpt["student"])
-    return student.to(device).eval()
-
-
-# Fields added in 2026-12 (issue 9), with the behaviour a checkpoint written before them had.
-LEGACY_CONFIG = dict(init="pytorch", feature_grad_mult=1.0, layer_grad_scale=False, init_conv_from_teacher=False,
-                     normalize_waveform=False)
-
-
-def config_from_dict(d):
-    """StudentConfig from its asdict() form (tuples come back as lists from a checkpoint).
-    A checkpoint written before a field existed gets the behaviour it was trained with."""
-    d = {**LEGACY_CONFIG, "reuse_attention_dropout": d.get("attention_dropout", 0.1), **d}
-    d["conv_layers"] = [tuple(c) for c in d["conv_layers"]]
-    d["target_layers"] = tuple(d["target_layers"])
-    return StudentConfig(**d)
-
-
-def config_to_dict(cfg):
-    return asdict(cfg)
-
-
 # ----------------------------------------------------------------------------
-# 5. Parameters and MACs
+# 7. Parameters and MACs
 # ----------------------------------------------------------------------------
 
 def head_parameter_names(student):
@@ -981,7 +1174,9 @@ def head_parameter_names(student):
     stay in the deployed model (its upstream returns projected layers), and so do the
     generator's output projections (they produce GenDistiller's output).
     """
-    return [n for n, _ in student.named_parameters() if n.startswith(("pred_shared.", "pred_split."))]
+    if not isinstance(getattr(student, "heads", None), DistilHuBERTHeads):
+        return []
+    return [n for n, _ in student.named_parameters() if n.startswith("heads.")]
 
 
 def count_parameters(student, with_heads=True):
@@ -997,9 +1192,9 @@ def count_macs(cfg: StudentConfig, seconds=10.0, with_heads=True):
     The generator counts free-running inference (K passes over 1..K slots, full S*T x S*T
     attention as the code computes it); DistilHuBERT's heads are excluded when with_heads=False.
     """
-    T, c_in, macs = int(seconds * SAMPLE_RATE), 1, 0
+    T, c_in, macs = int(seconds * data.SAMPLE_RATE), 1, 0
     for c, k, s in cfg.conv_layers:
-        T = (T - k) // s + 1
+        T = data.frame_count(T, [(c, k, s)])
         macs += T * c * c_in * k
         c_in = c
     D, F_, K = cfg.dim, cfg.ffn_dim, len(cfg.target_layers)
@@ -1047,7 +1242,7 @@ def main():
     print("% of HuBERT Base uses the papers' 94.70M (fairseq count) and HuBERT Base's MACs from the same formula.")
     print(f"{'model':<14}{'params (M)':>11}{'paper (M)':>10}  {'counted':<24}{'GMACs/10s':>10}{'params %':>10}{'MACs %':>8}")
     for name in PRESETS:
-        student = build_student(name, base)
+        student, _ = build_student(name, base)
         paper, what = PAPER_PARAMS[name]
         with_heads = what != "without prediction heads"
         n = count_parameters(student, with_heads=with_heads)

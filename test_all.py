@@ -29,8 +29,7 @@ import torch.multiprocessing as mp
 
 import data
 import losses
-from losses import (colld_loss, distilhubert_loss, gendistiller_loss,
-                    masking_distillation_loss, valid_mask)
+from losses import colld_loss, distilhubert_loss, gendistiller_loss, masking_distillation_loss
 import model
 from model import PRESETS, SelfAttention, Student, fit_to_teacher
 import distill
@@ -427,10 +426,10 @@ def _pad(x, extra, value=7.0):
     return torch.cat([x, torch.full(shape, value, dtype=x.dtype)], dim=1)
 
 
-# ----------------------------------------------------------------------------- valid_mask
+# ----------------------------------------------------------------------------- valid frames
 
 def test_valid_mask():
-    m = valid_mask(torch.tensor([2, 0, 3]), 3)
+    m = data.valid_frames(torch.tensor([2, 0, 3]), 3)
     assert m.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
 
 
@@ -707,7 +706,8 @@ def _mt_cfg(preset, teacher, **overrides):
 
 def _mt_student(cfg, seed=0):
     torch.manual_seed(seed)
-    return Student(cfg).eval()
+    net, _ = model.build_student(cfg)  # a Student, or a GenDistiller for head='generator'
+    return net.eval()
 
 
 def _mt_wav(lengths, seed=0, garbage=True):
@@ -716,7 +716,7 @@ def _mt_wav(lengths, seed=0, garbage=True):
     lengths = torch.tensor(lengths, dtype=torch.long)
     wav = 0.1 * torch.randn(len(lengths), int(lengths.max()), generator=g)  # (B, S)
     if not garbage:
-        wav = wav * (~model.padding_mask(lengths, wav.shape[1])).float()
+        wav = wav * data.valid_frames(lengths, wav.shape[1]).float()
     return wav, lengths
 
 
@@ -759,9 +759,9 @@ def test_model_frame_count_formula_and_real_convs(tiny_teacher):
     for L in [0, 399, 400, 401, 719, 720, 1039, 1040, 16000, 16399]:
         want = (L - 400) // 320 + 1 if L >= 400 else 0
         assert data.frame_count(L) == want, L
-        for conv in (model.HUBERT_CONV, model.armhubert_conv(480), _mt_small_conv(8), tiny_teacher.conv_layers):
-            assert model.conv_output_lengths(L, conv) == want, (L, conv)
-        assert model.conv_output_lengths(torch.tensor([L]), model.HUBERT_CONV).tolist() == [want]
+        for conv in (data.HUBERT_CONV, model.armhubert_conv(480), _mt_small_conv(8), tiny_teacher.conv_layers):
+            assert data.frame_count(L, conv) == want, (L, conv)
+        assert data.frame_count(torch.tensor([L]), data.HUBERT_CONV).tolist() == [want]
         if L >= 400:  # real convolutions: the tensor length and the returned frame_lengths
             wav = torch.randn(1, L)
             with torch.no_grad():
@@ -1124,7 +1124,7 @@ def test_model_official_reuse_applies_softmax_again(tiny_teacher, monkeypatch):
 def test_model_fused_attention_equals_explicit(preset, tiny_teacher):
     cfg = _mt_cfg(preset, tiny_teacher)
     fused = _mt_student(replace(cfg, fused_attention=True))
-    explicit = Student(replace(cfg, fused_attention=False)).eval()
+    explicit = _mt_student(replace(cfg, fused_attention=False), seed=1)
     explicit.load_state_dict(fused.state_dict())
     wav, lengths = _mt_wav([4200, 2000, 3300], seed=17)
     with torch.no_grad():
@@ -1187,33 +1187,34 @@ def _mt_gen_cfgs(tiny_teacher):
 def test_model_generator_is_causal_over_slots(which, fused, tiny_teacher):
     cfg = replace(_mt_gen_cfgs(tiny_teacher)[which], fused_attention=fused)
     student = _mt_student(cfg)
-    assert (student.history_proj is None) == (which == "teacher_init")
+    gen = student.generator
+    assert (gen.history_proj is None) == (which == "teacher_init")
     K, D = len(cfg.target_layers), cfg.dim
     g = torch.Generator().manual_seed(20)
     T = 7
     slots = [torch.randn(2, T, D, generator=g) for _ in range(K)]
-    pad = torch.zeros(2, T, dtype=torch.bool)
-    pad[1, 5:] = True
+    valid = torch.ones(2, T, dtype=torch.bool)
+    valid[1, 5:] = False
     with torch.no_grad():
-        base = student.run_generator(slots, pad)
+        base = gen.run(slots, valid)
         assert len(base) == K
         for k in range(K):
             changed = list(slots)
             changed[k] = slots[k] + torch.randn(2, T, D, generator=g)
-            out = student.run_generator(changed, pad)
+            out = gen.run(changed, valid)
             for j in range(k):
                 _mt_close(out[j], base[j], atol=1e-6)  # earlier slots never see slot k
             assert not torch.allclose(out[k][0], base[k][0], atol=1e-3)
         # bidirectional over time: the last valid frame of slot 0 changes the first frame's output
         changed = [s.clone() for s in slots]
         changed[0][0, T - 1] += 1.0
-        out = student.run_generator(changed, pad)
+        out = gen.run(changed, valid)
         assert not torch.allclose(out[0][0, 0], base[0][0, 0], atol=1e-5)
         # padded frames never influence valid ones
         changed = [s.clone() for s in slots]
         for s in changed:
             s[1, 5:] = 100.0
-        out = student.run_generator(changed, pad)
+        out = gen.run(changed, valid)
         for a, b in zip(out, base):
             _mt_close(a[1, :5], b[1, :5])
 
@@ -1224,14 +1225,15 @@ def test_model_generator_free_running_equals_parallel_on_own_outputs(which, tiny
     student = _mt_student(cfg)
     wav, lengths = _mt_wav([4000, 2600], seed=21)
     with torch.no_grad():
-        x0, pad, _ = student.front_end(wav, lengths)
-        free = student.generate(x0, pad)
+        x0, valid, _ = student.front_end(wav, lengths)
+        free = student.generator(x0, valid)
         hs, _ = student.hidden_states(wav, lengths)
         fwd, _ = student(wav, lengths)  # no history: free-running too
         for a, b, c in zip(free, hs, fwd):
             assert torch.equal(a, b) and torch.equal(a, c)
-        slots = [x0] + [student.embed_history(p) for p in free[:-1]]
-        parallel = [proj(o) for proj, o in zip(student.out_proj, student.run_generator(slots, pad))]
+        gen = student.generator
+        slots = [x0] + [gen.embed_history(p) for p in free[:-1]]
+        parallel = [proj(o) for proj, o in zip(gen.out_proj, gen.run(slots, valid))]
         forced, _ = student(wav, lengths, history=free[:-1])  # teacher forcing with its own outputs
     for a, b, c in zip(free, parallel, forced):
         _mt_close(a, b)
@@ -1263,7 +1265,7 @@ class _MtBase:  # a HuBERT Base-sized teacher description (as model.main builds 
 
 def test_model_parameter_counts_match_the_papers():
     with torch.device("meta"):  # counting needs shapes only
-        counts = {name: model.build_student(name, _MtBase) for name in ("distilhubert", "armhubert", "armhubert-s", "maskhubert")}
+        counts = {name: model.build_student(name, _MtBase)[0] for name in ("distilhubert", "armhubert", "armhubert-s", "maskhubert")}
     n = {k: model.count_parameters(s) for k, s in counts.items()}
     assert round(model.count_parameters(counts["distilhubert"], with_heads=False) / 1e6, 2) == 23.49
     assert round(n["distilhubert"] / 1e6, 2) == 27.04
@@ -1273,7 +1275,7 @@ def test_model_parameter_counts_match_the_papers():
     # SPEC 2's hand-checked parts of armhubert
     arm = counts["armhubert"]
     part = lambda prefix: sum(p.numel() for name, p in arm.named_parameters() if name.startswith(prefix))  # noqa: E731
-    assert round(part("conv_layers.") / 1e6, 2) == 1.87 and round(part("pos_conv.") / 1e6, 2) == 1.84
+    assert round(part("front_end.conv_layers.") / 1e6, 2) == 1.87 and round(part("front_end.pos_conv.") / 1e6, 2) == 1.84
     assert round(part("heads.") / 1e6, 2) == 4.43
     assert round(part("layers.0.") / 1e6, 2) == 1.76 and round(part("layers.1.") / 1e6, 2) == 1.29
     assert arm.cfg.target_layers == tuple(range(1, 13)) and arm.cfg.teacher_dim == 768
@@ -1294,9 +1296,9 @@ def test_model_main_prints_the_table():
 # ----------------------------------------------------------------------------- init from teacher
 
 def test_model_init_from_teacher_reproduces_teacher_layers(tiny_teacher):
-    student = model.build_student("distilhubert", tiny_teacher)
+    student, _ = model.build_student("distilhubert", tiny_teacher)
     copied = model.init_from_teacher(student, tiny_teacher)
-    assert "layers.1.fc2.weight" in copied and "pos_conv.parametrizations.weight.original1" in copied
+    assert "layers.1.fc2.weight" in copied and "front_end.pos_conv.parametrizations.weight.original1" in copied
     student.eval()
     wav, lengths = _mt_wav([5000, 3000], seed=23, garbage=False)
     with torch.no_grad():
@@ -1387,7 +1389,7 @@ def _dt_message(excinfo):
 def test_distill_each_method_overfits_one_batch(method, lr, steps, tiny_teacher):
     args = distill.parse_args(["--method", method] + _DT_RUN + _dt_student_flags(method) + _DT_NO_DROPOUT)
     torch.manual_seed(0)
-    student = distill.build_student_for(args, tiny_teacher)
+    student, _ = distill.build_student_for(args, tiny_teacher)
     student.train()
     opt = torch.optim.AdamW(distill.param_groups(student, args.weight_decay), lr=lr, betas=args.betas, eps=args.eps)
     wav, lengths = _dt_batch()
@@ -1441,9 +1443,9 @@ def _dt_capture_students(monkeypatch):
     original = distill.build_student_for
 
     def capture(args, teacher):
-        student = original(args, teacher)
+        student, notes = original(args, teacher)
         made.append(student)
-        return student
+        return student, notes
 
     monkeypatch.setattr(distill, "build_student_for", capture)
     return made
@@ -1540,11 +1542,11 @@ def test_distill_frame_mismatch_names_both_counts(method, tiny_teacher):
     else:  # the tiny teacher's conv with the last stride changed (kernels fit, init copies them)
         conv = "[(32,10,5)]+[(32,3,2)]*4+[(32,2,2),(32,2,1)]"
     args = distill.parse_args(["--method", method] + _DT_RUN + _dt_student_flags(method) + [f"--conv_layers={conv}"])
-    student = distill.build_student_for(args, tiny_teacher)
+    student, _ = distill.build_student_for(args, tiny_teacher)
     lengths = torch.tensor([16000, 12000])
     wav = 0.1 * torch.randn(2, 16000)
     teacher_frames = data.frame_count(lengths).tolist()
-    student_frames = model.conv_output_lengths(lengths, student.cfg.conv_layers).tolist()
+    student_frames = data.frame_count(lengths, student.cfg.conv_layers).tolist()
     assert teacher_frames != student_frames
     with pytest.raises(RuntimeError) as e:
         distill.distillation_loss(args, tiny_teacher, student, wav, lengths, step=0)
@@ -1609,7 +1611,7 @@ def _dt_free_port():
 def _dt_one_step(args, teacher, wav, lengths, world=1, rank=0):
     """Seeded student, one AdamW step on (wav, lengths); returns (grads, weights) of the raw student."""
     torch.manual_seed(0)
-    student = distill.build_student_for(args, teacher)
+    student, _ = distill.build_student_for(args, teacher)
     net = student
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(student)
@@ -1949,10 +1951,10 @@ def test_upstream_specs(tmp_path):
     ckpt = tmp_path / "student.pt"
     torch.save({"config": model.config_to_dict(s1.cfg), "student": s1.state_dict()}, ckpt)
     loaded, _ = ev.build_upstream(str(ckpt))
-    assert torch.equal(loaded.state_dict()["feature_proj.weight"], s1.state_dict()["feature_proj.weight"])
+    assert torch.equal(loaded.state_dict()["front_end.feature_proj.weight"], s1.state_dict()["front_end.feature_proj.weight"])
     fresh, _ = ev.build_upstream(f"random:{ckpt}", seed=7)
     assert fresh.cfg == s1.cfg
-    assert not torch.equal(fresh.state_dict()["feature_proj.weight"], s1.state_dict()["feature_proj.weight"])
+    assert not torch.equal(fresh.state_dict()["front_end.feature_proj.weight"], s1.state_dict()["front_end.feature_proj.weight"])
     with pytest.raises(ValueError, match="--upstream nonsense"):
         ev.build_upstream("nonsense")
 
@@ -2029,10 +2031,10 @@ def test_distill_masks_differ_across_micro_steps_and_are_reproducible():
     # accumulation micro-steps of one update must not share a mask; a resumed run redraws it exactly
     args = distill.parse_args(["--method", "armhubert", "--data", "synthetic"])
     frames = torch.tensor([100, 100])
-    a = distill.draw_mask(args, frames, 100, step=7, micro=0, rank=0)
-    b = distill.draw_mask(args, frames, 100, step=7, micro=1, rank=0)
+    a = distill.draw_mask(args, frames, 100, [args.seed, 7, 0, 0])
+    b = distill.draw_mask(args, frames, 100, [args.seed, 7, 1, 0])
     assert not torch.equal(a, b)
-    assert torch.equal(a, distill.draw_mask(args, frames, 100, step=7, micro=0, rank=0))
+    assert torch.equal(a, distill.draw_mask(args, frames, 100, [args.seed, 7, 0, 0]))
 
 
 def test_distill_target_layers_must_exist_in_teacher(tiny_teacher):
@@ -2154,7 +2156,7 @@ def test_official_bert_init_on_the_transformer_only(tiny_teacher):
     assert abs(float(w.detach().std()) - 0.02) < 0.002 and float(student.layers[0].fc1.bias.abs().max()) == 0.0
     assert float(student.layers[0].attention.q_proj.bias.abs().max()) == 0.0
     assert float(student.heads[0].bias.abs().max()) > 0  # heads keep PyTorch's init (official)
-    conv = student.conv_layers[0].conv.weight  # kaiming normal: std sqrt(2 / fan_in)
+    conv = student.front_end.conv_layers[0].conv.weight  # kaiming normal: std sqrt(2 / fan_in)
     assert abs(float(conv.std()) / math.sqrt(2 / conv[0].numel()) - 1) < 0.15
     pt = _mt_student(_mt_cfg("armhubert", tiny_teacher, init="pytorch"))
     assert float(pt.layers[0].fc1.bias.abs().max()) > 0
@@ -2171,7 +2173,7 @@ def test_official_input_dropout_and_feature_grad_mult_presets(tiny_teacher):
         s = _mt_student(replace(cfg, feature_grad_mult=mult))
         preds, _ = s(*_mt_wav([4000], seed=4))
         preds[-1].pow(2).sum().backward()
-        grads.append((s.conv_layers[0].conv.weight.grad.clone(), s.layers[0].fc1.weight.grad.clone()))
+        grads.append((s.front_end.conv_layers[0].conv.weight.grad.clone(), s.layers[0].fc1.weight.grad.clone()))
     assert torch.allclose(grads[1][0], 0.1 * grads[0][0], rtol=1e-3, atol=1e-7)  # conv: scaled
     assert torch.allclose(grads[1][1], grads[0][1])  # the rest: unchanged
 
@@ -2183,7 +2185,7 @@ def test_init_conv_from_teacher_copies_the_front_end_only(tiny_teacher):
     assert cfg.feature_projection and cfg.conv_layers == [tuple(c) for c in tiny_teacher.config["extractor_conv_layer_config"]]
     student = Student(cfg).eval()
     keys = model.init_conv_from_teacher(student, tiny_teacher)
-    assert keys and all(k.startswith(("conv_layers.", "feature_norm.")) for k in keys)
+    assert keys and all(k.startswith(("front_end.conv_layers.", "front_end.feature_norm.")) for k in keys)
     wav, lengths = _mt_wav([5000, 3000], seed=5)
     with torch.no_grad():
         a, la = student.cnn_features(wav, lengths)
@@ -2250,7 +2252,7 @@ def test_mask_share_matches_the_official_batches_within_005():
     over the whole batch they would realise far less than the official share."""
     rng = np.random.default_rng(0)
     seconds = np.clip(rng.gamma(4.0, 12.3 / 4.0, 6000), 1.5, 35.0)  # mean ~12.3 s, like LibriSpeech
-    frames = [model.conv_output_lengths(int(s * 16000), [(1, 400, 320)]) for s in seconds]
+    frames = [data.frame_count(int(s * 16000), [(1, 400, 320)]) for s in seconds]
     ours = data.LengthBucketSampler([int(s * 16000) for s in seconds], 221 * 16000, seed=0)
     official = data.LengthBucketSampler([int(s * 16000) for s in seconds], 10 ** 9, seed=0, max_batch_size=18)
     ours_b = [[frames[i] for i in b] for b in ours.batches][::3]
@@ -2278,7 +2280,7 @@ def test_distill_mask_prob_0_is_a_plain_mse_ablation(tiny_teacher, monkeypatch):
         distill.parse_args(["--method", "armhubert", "--teacher", "tiny", "--data", "synthetic", "--mask_prob", "-0.5"])
     args = distill.parse_args(["--method", "armhubert"] + base + _DT_SMALL)
     assert any("no masking" in a for a in args.applied)
-    student = distill.build_student_for(args, tiny_teacher)
+    student, _ = distill.build_student_for(args, tiny_teacher)
     calls = []
     real = type(tiny_teacher).forward
     monkeypatch.setattr(type(tiny_teacher), "forward", lambda self, *a, **k: calls.append(k.get("mask")) or real(self, *a, **k))
@@ -2315,7 +2317,7 @@ def test_teacher_final_norm_wavlm_and_old_checkpoints(tmp_path):
 
 def test_copied_conv_standardises_audio_like_its_teacher(tiny_teacher):
     cfg = replace(PRESETS["armhubert"], dim=32, ffn_dim=64, num_heads=4, num_layers=2, init_conv_from_teacher=True)
-    teacher = model.teacher_from_checkpoint({**model.tiny_teacher_checkpoint(0), "normalize_waveform": True})
+    teacher = model.teacher_from_checkpoint({**model.random_teacher_checkpoint("tiny", 0), "normalize_waveform": True})
     cfg, _ = fit_to_teacher(cfg, teacher)
     assert cfg.normalize_waveform
     student = Student(cfg).eval()
@@ -2325,3 +2327,22 @@ def test_copied_conv_standardises_audio_like_its_teacher(tiny_teacher):
         a, _ = student.cnn_features(3.0 * wav, lengths)
         b, _ = teacher.cnn_features(3.0 * wav, lengths)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["distilhubert", "armhubert", "gendistiller"])
+def test_model_checkpoints_with_pre_2026_12_parameter_names_load(preset, tiny_teacher, tmp_path):
+    # before the front end, DistilHuBERT's heads and the generator were modules of their own, their
+    # parameters sat at the top level: conv_layers.*, pred_shared.*, pred_split.*, slot_emb, out_proj.*
+    student = _mt_student(_mt_cfg(preset, tiny_teacher))
+    old_names = {}
+    for k, v in student.state_dict().items():
+        k = k.replace("front_end.", "").replace("generator.", "")
+        old_names[k.replace("heads.shared.", "pred_shared.").replace("heads.split.", "pred_split.")] = v
+    assert any(k.startswith("conv_layers.") for k in old_names)
+    path = tmp_path / "old.pt"
+    torch.save({"config": model.config_to_dict(student.cfg), "student": old_names}, path)
+    loaded = model.load_student(str(path))
+    wav, lengths = _mt_wav([4000, 2600], seed=3)
+    with torch.no_grad():
+        for a, b in zip(student.hidden_states(wav, lengths)[0], loaded.hidden_states(wav, lengths)[0]):
+            assert torch.equal(a, b)
