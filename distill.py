@@ -428,6 +428,19 @@ def find_resume(args):
     return None
 
 
+def optimizer_state_for(opt_state, saved_names, student):
+    """AdamW's state re-indexed for `student`'s parameter order. A checkpoint lists its parameters
+    in `saved_names` order (its state dict, in today's names); GenDistiller checkpoints written
+    before 2026-12 listed the slot embedding first, so its moments must follow it by name."""
+    params = dict(student.named_parameters())
+    old, new = optimizer_order(saved_names, params), optimizer_order(list(params), params)
+    if old == new:
+        return opt_state
+    where = {name: i for i, name in enumerate(old)}
+    state = {i: opt_state["state"][where[n]] for i, n in enumerate(new) if where[n] in opt_state["state"]}
+    return {**opt_state, "state": state}
+
+
 def check_resumable(ckpt, path, args, cfg, world):
     """Refuse to resume a checkpoint of another run: every mismatch is named."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != 1:
@@ -542,15 +555,24 @@ def lr_at(step, args):
     return args.lr * max(0.0, (args.max_steps - step) / max(1, args.max_steps - warm))
 
 
-def param_groups(student, weight_decay):
+def decayed(name, p):
     # choice: weight decay only on matrices and conv kernels; biases, norm gains, the mask and
     # slot embeddings and weight-norm gains (all 1-D or gain-shaped) are not decayed. (The official
     # ARMHuBERT run, through s3prl's optimizer, decayed every parameter whose name lacks "bias",
     # so fairseq's `layer_norm` gains, mask_emb and the weight-norm gain too.)
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2 and "original0" not in n and "slot_emb" not in n]
-    ids = {id(p) for p in decay}
-    rest = [p for p in student.parameters() if id(p) not in ids]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return p.ndim >= 2 and "original0" not in name and "slot_emb" not in name
+
+
+def optimizer_order(names, params):
+    """Parameter names in AdamW's index order: the decayed group, then the rest (param_groups)."""
+    return [n for n in names if decayed(n, params[n])] + [n for n in names if not decayed(n, params[n])]
+
+
+def param_groups(student, weight_decay):
+    params = dict(student.named_parameters())
+    decay, rest = [n for n in params if decayed(n, params[n])], [n for n in params if not decayed(n, params[n])]
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in rest], "weight_decay": 0.0}]
 
 
 def autocast_dtype(args, device):
@@ -645,8 +667,9 @@ def resume(run):
         return
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     check_resumable(ckpt, path, run.args, run.raw.cfg, run.world)
-    run.raw.load_state_dict(model.upgrade_state_dict(ckpt["student"], run.raw.cfg))
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    saved = model.upgrade_state_dict(ckpt["student"], run.raw.cfg)
+    run.raw.load_state_dict(saved)
+    run.optimizer.load_state_dict(optimizer_state_for(ckpt["optimizer"], list(saved), run.raw))
     run.scaler.load_state_dict(ckpt["scaler"])
     run.step, run.epoch, run.position = ckpt["step"], ckpt["epoch"], ckpt["position"][run.rank]
     set_rng_state(ckpt["rng"][run.rank])

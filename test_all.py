@@ -2346,3 +2346,25 @@ def test_model_checkpoints_with_pre_2026_12_parameter_names_load(preset, tiny_te
     with torch.no_grad():
         for a, b in zip(student.hidden_states(wav, lengths)[0], loaded.hidden_states(wav, lengths)[0]):
             assert torch.equal(a, b)
+
+
+def test_distill_resume_reorders_adam_state_of_old_gendistiller_checkpoints(tiny_teacher):
+    # a GenDistiller checkpoint from before 2026-12 listed `slot_emb` first (it sat on the top-level
+    # module); its AdamW moments must follow each parameter by name into today's order
+    student = _mt_student(_mt_cfg("gendistiller", tiny_teacher))
+    opt = torch.optim.AdamW(distill.param_groups(student, 0.01), lr=1e-3)
+    wav, lengths = _mt_wav([4000, 2600], seed=5)
+    sum(p.pow(2).sum() for p in student(wav, lengths)[0]).backward()
+    opt.step()
+    today = opt.state_dict()
+    names = [n for n, _ in student.named_parameters()]
+    old_names = ["generator.slot_emb"] + [n for n in names if n != "generator.slot_emb"]
+    params = dict(student.named_parameters())
+    new_order, old_order = distill.optimizer_order(names, params), distill.optimizer_order(old_names, params)
+    assert new_order != old_order
+    old_state = {old_order.index(n): today["state"][i] for i, n in enumerate(new_order)}
+    fixed = distill.optimizer_state_for({**today, "state": old_state}, old_names, student)
+    for i in today["state"]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fixed["state"][i][k], today["state"][i][k])
+    assert distill.optimizer_state_for(today, names, student) is today  # today's order: untouched
