@@ -2,9 +2,11 @@
 
     python -m pytest -q test_all.py
 
-Behaviour, not lines: equivalences (torchaudio parity, fused == explicit attention, padded ==
-single runs, DDP == one process, resumed == straight), hand-worked loss values, overfitting one
-batch, masking statistics, the papers' parameter counts, and the documented errors.
+One section per file, in the order the files build on each other: data.py, model.py, losses.py,
+distill.py, eval.py. Behaviour, not lines: equivalences (torchaudio parity, fused == explicit
+attention, padded == single runs, DDP == one process, resumed == straight), hand-worked loss
+values, overfitting one batch, masking statistics, the papers' parameter counts, and the
+documented errors.
 """
 from dataclasses import replace
 import glob
@@ -56,8 +58,6 @@ def _one_thread():
 def tiny_teacher():
     return model.load_teacher("tiny")
 
-
-
 # ----------------------------------------------------------------------------
 # data.py: audio, scanning, batching, span masking
 # ----------------------------------------------------------------------------
@@ -88,6 +88,11 @@ def test_frame_count_formula_and_types():
     assert data.frame_count(np.array(list(cases))).tolist() == list(cases.values())
     with pytest.raises(TypeError):
         data.frame_count(torch.tensor([400.0]))
+
+
+def test_valid_frames_is_the_one_padding_mask():
+    m = data.valid_frames(torch.tensor([2, 0, 3]), 3)
+    assert m.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
 
 
 def test_load_audio_resamples_8k_stereo_to_16k_mono(tmp_path):
@@ -407,275 +412,44 @@ def test_mask_misc():
         data.compute_mask_indices(lengths, 100, 0.8, mask_type="normal")
 
 
-# ----------------------------------------------------------------------------
-# losses.py: hand-worked values, padding invariance, minima
-# ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- span masking on LibriSpeech-like batches (issue 9)
 
-def _t(x):
-    return torch.tensor(x, dtype=torch.float32)
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _pad(x, extra, value=7.0):
-    """Append `extra` padded frames filled with `value` to (B, T, D) or (B, T)."""
-    shape = list(x.shape)
-    shape[1] = extra
-    return torch.cat([x, torch.full(shape, value, dtype=x.dtype)], dim=1)
+def _mask_share(batches, same_count_rows, rng):
+    masked = valid = 0
+    for frames in batches:
+        frames = np.asarray(frames)
+        m = data.compute_mask_indices(frames, int(frames.max()), 0.8, 10, "uniform", 2, no_overlap=True,
+                                      min_space=1, same_count_rows=same_count_rows, rng=rng)
+        assert not m[torch.arange(int(frames.max()))[None, :] >= torch.as_tensor(frames)[:, None]].any()
+        masked, valid = masked + int(m.sum()), valid + int(frames.sum())
+    return masked / valid
 
 
-# ----------------------------------------------------------------------------- valid frames
-
-def test_valid_mask():
-    m = data.valid_frames(torch.tensor([2, 0, 3]), 3)
-    assert m.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
-
-
-# ----------------------------------------------------------------------------- DistilHuBERT
-
-def test_distilhubert_hand_value():
-    # frame 0: |diff| = [1, 1] -> 1, cos = 0 -> log 2; frame 1: equal -> 0, cos = 1;
-    # frame 2 is padding with garbage and must not count.
-    pred = _t([[[1, 0], [0, 1], [100, -3]]])
-    tgt = _t([[[0, 1], [0, 1], [-5, 8]]])
-    lengths = torch.tensor([2])
-    total, parts = distilhubert_loss([pred], [tgt], lengths)
-    l1 = (1 + 0) / 2
-    cos = (math.log(2) + math.log(1 + math.exp(-1))) / 2  # -log sigmoid(x) = log(1 + e^-x)
-    assert math.isclose(parts["l1"].item(), l1, rel_tol=1e-6)
-    assert math.isclose(parts["cos"].item(), cos, rel_tol=1e-6)
-    assert math.isclose(total.item(), l1 + cos, rel_tol=1e-6)
-    # lambda weights the cosine term only
-    total2, _ = distilhubert_loss([pred], [tgt], lengths, cos_weight=0.5)
-    assert math.isclose(total2.item(), l1 + 0.5 * cos, rel_tol=1e-6)
-
-
-def test_distilhubert_layer_average_and_frame_pooling():
-    # B = 2 with lengths 1 and 2: N = 3 valid frames pooled over the batch.
-    # layer A: utt 0 frame 0 diff [2, 0] (cos 1: same direction), utt 1 frames exact.
-    pa = _t([[[3, 0], [9, 9]], [[0, 1], [1, 0]]])
-    ta = _t([[[1, 0], [0, 0]], [[0, 1], [1, 0]]])
-    # layer B: prediction = target everywhere
-    pb = _t([[[1, 2], [3, 4]], [[5, 6], [7, 8]]])
-    lengths = torch.tensor([1, 2])
-    total, parts = distilhubert_loss([pa, pb], [ta, pb.clone()], lengths)
-    cos1 = math.log(1 + math.exp(-1))  # all valid cosines are 1
-    l1_a = (1.0 + 0 + 0) / 3  # mean over d of [2, 0] is 1
-    assert math.isclose(parts["l1"].item(), (l1_a + 0) / 2, rel_tol=1e-6)
-    assert math.isclose(parts["cos"].item(), cos1, rel_tol=1e-6)
-    assert math.isclose(total.item(), l1_a / 2 + cos1, rel_tol=1e-6)
-
-
-def test_distilhubert_minimum_and_padding_invariance():
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 3)
-    lengths = torch.tensor([4, 2])
-    total, parts = distilhubert_loss([x], [x.clone()], lengths)
-    assert parts["l1"].item() < 1e-7
-    assert math.isclose(total.item(), math.log(1 + math.exp(-1)), rel_tol=1e-5)  # cos = 1
-    y = torch.randn(2, 4, 3)
-    ref, _ = distilhubert_loss([x], [y], lengths)
-    x2, y2 = x.clone(), y.clone()
-    x2[1, 2:] = 50.0
-    y2[1, 2:] = -3.0
-    out, _ = distilhubert_loss([x2], [y2], lengths)
-    out_long, _ = distilhubert_loss([_pad(x, 3)], [_pad(y, 3, -1.0)], lengths)
-    assert torch.allclose(ref, out) and torch.allclose(ref, out_long)
-
-
-def test_distilhubert_grad_and_gendistiller_same():
-    torch.manual_seed(1)
-    p = torch.randn(2, 3, 4, requires_grad=True)
-    t = torch.randn(2, 3, 4)
-    lengths = torch.tensor([3, 1])
-    total, parts = distilhubert_loss([p], [t], lengths)
-    total.backward()
-    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-    assert (p.grad[1, 1:] == 0).all()  # padded frames get no gradient
-    assert not parts["l1"].requires_grad
-    g_total, g_parts = gendistiller_loss([p], [t], lengths, cos_weight=0.3)
-    d_total, d_parts = distilhubert_loss([p], [t], lengths, cos_weight=0.3)
-    assert torch.equal(g_total, d_total) and g_parts.keys() == d_parts.keys()
-    g_total.backward()
-
-
-# ----------------------------------------------------------------------------- ARMHuBERT
-
-def _md_example():
-    pred = _t([[[0, 0], [0, 0], [0, 0]]])
-    clean = _t([[[2, 0], [3, 3], [8, 8]]])  # frame 0 masked -> uses [2, 0]: e = 4/2 = 2
-    masked = _t([[[9, 9], [1, 1], [8, 8]]])  # frame 1 unmasked -> uses [1, 1]: e = 1
-    mask = torch.tensor([[True, False, True]])  # frame 2 is padding
-    return pred, clean, masked, mask, torch.tensor([2])
-
-
-def test_masking_distillation_hand_value():
-    pred, clean, masked, mask, lengths = _md_example()
-    total, parts = masking_distillation_loss([pred], [clean], [masked], mask, lengths)
-    # one layer = the last layer, weight 1.0; N = 2 valid frames
-    assert math.isclose(total.item(), (2 + 1) / 2, rel_tol=1e-6)
-    assert math.isclose(parts["masked"].item(), 2 / 2, rel_tol=1e-6)
-    assert math.isclose(parts["unmasked"].item(), 1 / 2, rel_tol=1e-6)
-
-
-def test_masking_distillation_layer_weights():
-    pred, clean, masked, mask, lengths = _md_example()
-    total, parts = masking_distillation_loss([pred] * 3, [clean] * 3, [masked] * 3, mask, lengths)
-    assert math.isclose(total.item(), (0.1 + 0.1 + 1.0) * 1.5, rel_tol=1e-6)
-    assert math.isclose((parts["masked"] + parts["unmasked"]).item(), total.item(), rel_tol=1e-6)
-    total, _ = masking_distillation_loss([pred] * 2, [clean] * 2, [masked] * 2, mask, lengths,
-                                         layer_weights=[2.0, 0.0])
-    assert math.isclose(total.item(), 2.0 * 1.5, rel_tol=1e-6)
-
-
-def test_masking_distillation_picks_the_right_target():
-    torch.manual_seed(2)
-    p = torch.randn(2, 4, 3)
-    mask = torch.tensor([[True, False, True, False], [False, True, True, True]])
-    lengths = torch.tensor([4, 3])
-    m = mask[:, :, None]
-    clean = torch.where(m, p, p + 1)  # right only on masked frames
-    masked = torch.where(m, p + 1, p)  # right only on unmasked frames
-    total, _ = masking_distillation_loss([p], [clean], [masked], mask, lengths)
-    assert total.item() < 1e-10
-    swapped, _ = masking_distillation_loss([p], [masked], [clean], mask, lengths)
-    assert math.isclose(swapped.item(), 1.0, rel_tol=1e-6)  # every valid frame off by 1
-
-
-def test_masking_distillation_padding_invariance_and_grad():
-    torch.manual_seed(3)
-    p = torch.randn(2, 4, 3, requires_grad=True)
-    c, m_t = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
-    mask = torch.tensor([[True, False, True, True], [False, True, False, True]])
-    lengths = torch.tensor([4, 2])
-    ref, ref_parts = masking_distillation_loss([p], [c], [m_t], mask, lengths)
-    c2, m2, mask2 = c.clone(), m_t.clone(), mask.clone()
-    c2[1, 2:], m2[1, 2:], mask2[1, 2:] = 30.0, -30.0, ~mask[1, 2:]
-    out, _ = masking_distillation_loss([p], [c2], [m2], mask2, lengths)
-    out_long, _ = masking_distillation_loss([_pad(p.detach(), 2)], [_pad(c, 2)], [_pad(m_t, 2)],
-                                            _pad(mask, 2, True), lengths)
-    assert torch.allclose(ref, out) and torch.allclose(ref, out_long)
-    ref.backward()
-    assert torch.isfinite(p.grad).all() and (p.grad[1, 2:] == 0).all()
-    assert p.grad[0].abs().sum() > 0
-
-
-# ----------------------------------------------------------------------------- CoLLD
-
-def test_colld_hand_value():
-    # anchor frame 0: z = [1, 0]; positive [1, 0] (cos 1); the only other valid frame [0, 1]
-    # (cos 0) is the one negative even though K = 100; frame 2 is padding.
-    pred = _t([[[1, 0], [5, 5], [1, 0]]])
-    tgt = _t([[[1, 0], [0, 1], [1, 0]]])
-    mask = torch.tensor([[True, False, True]])
-    lengths = torch.tensor([2])
-    for tau in (1.0, 0.1):
-        total, parts = colld_loss([pred], [tgt], mask, lengths, temperature=tau, generator=_gen())
-        expected = math.log(1 + math.exp(-1 / tau))  # -log e^{1/tau} / (e^{1/tau} + e^0)
-        # note: float32 log-softmax near 0 is accurate to ~1e-7 absolute, not relative
-        assert math.isclose(total.item(), expected, rel_tol=1e-5, abs_tol=1e-6)
-        assert math.isclose(parts["nce"].item(), expected, rel_tol=1e-5, abs_tol=1e-6)
-        assert parts["_acc"].item() == 1.0 and "l1" not in parts
-
-
-def test_colld_fewer_frames_than_k_and_k_smaller():
-    # 3 valid frames, anchor 0 with z = positive = [1, 0]; both other frames have cos 0,
-    # so the loss only depends on how many negatives are used: log(1 + K_a / e) at tau 1.
-    pred = _t([[[1, 0], [0, 1], [0, -1], [0, 0]]])
-    tgt = _t([[[1, 0], [0, 1], [0, -1], [3, 3]]])
-    mask = torch.tensor([[True, False, False, True]])
-    lengths = torch.tensor([3])
-    for k, k_a in ((100, 2), (2, 2), (1, 1)):
-        total, _ = colld_loss([pred], [tgt], mask, lengths, num_negatives=k, temperature=1.0,
-                              generator=_gen())
-        assert math.isclose(total.item(), math.log(1 + k_a * math.exp(-1)), rel_tol=1e-5)
-
-
-def test_colld_two_layers_include_unmasked_and_l1():
-    # utterance 0 (2 valid frames): orthogonal one-hot targets, pred = target.
-    # layer 1 exact; layer 2 has pred frame 1 = [0, 2] (cos still 1, L1 = 0.5 on that frame).
-    tgt = _t([[[1, 0], [0, 1]]])
-    p2 = _t([[[1, 0], [0, 2]]])
-    mask = torch.tensor([[True, False]])
-    lengths = torch.tensor([2])
-    tau = 0.5
-    nce = math.log(1 + math.exp(-1 / tau))
-    total, parts = colld_loss([tgt.clone(), p2], [tgt, tgt], mask, lengths, temperature=tau,
-                              include_unmasked=True, l1_weight=0.5, generator=_gen())
-    l1 = (0 + 0.5 / 2) / 2  # layer 2: frames 0 and 1 -> L1 (0 + 0.5) / 2; layer mean
-    assert math.isclose(parts["nce"].item(), nce, rel_tol=1e-5)
-    assert math.isclose(parts["l1"].item(), l1, rel_tol=1e-5)
-    assert math.isclose(total.item(), nce + 0.5 * l1, rel_tol=1e-5)
-
-
-def test_colld_near_zero_when_student_copies_teacher():
-    tgt = torch.eye(6)[None].repeat(2, 1, 1)  # (2, 6, 6) distinct orthogonal frames
-    mask = torch.tensor([[True, False, True, True, False, True]] * 2)
-    total, parts = colld_loss([tgt.clone()], [tgt], mask, torch.tensor([6, 4]), num_negatives=3,
-                              temperature=0.05, generator=_gen())
-    assert total.item() < 1e-6 and parts["_acc"].item() == 1.0
-
-
-def test_colld_padding_invariance_fixed_generator():
-    torch.manual_seed(4)
-    p, t = torch.randn(2, 6, 3), torch.randn(2, 6, 3)
-    mask = torch.tensor([[True, True, False, True, False, True], [False, True, True, False, True, True]])
-    lengths = torch.tensor([6, 4])
-    ref, ref_parts = colld_loss([p], [t], mask, lengths, num_negatives=2, generator=_gen(5))
-    # the draw matters (K = 2 < other frames): another seed gives another value
-    other, _ = colld_loss([p], [t], mask, lengths, num_negatives=2, generator=_gen(6))
-    assert not torch.allclose(ref, other)
-    p2, t2, mask2 = p.clone(), t.clone(), mask.clone()
-    p2[1, 4:], t2[1, 4:], mask2[1, 4:] = 40.0, -2.0, ~mask[1, 4:]
-    out, _ = colld_loss([p2], [t2], mask2, lengths, num_negatives=2, generator=_gen(5))
-    out_long, _ = colld_loss([_pad(p, 3)], [_pad(t, 3, 1.0)], _pad(mask, 3, True), lengths,
-                             num_negatives=2, generator=_gen(5))
-    assert torch.allclose(ref, out) and torch.allclose(ref, out_long)
-    # with l1 and unmasked anchors too
-    a, _ = colld_loss([p], [t], mask, lengths, include_unmasked=True, l1_weight=1.0, generator=_gen(1))
-    b, _ = colld_loss([_pad(p2, 2)], [_pad(t2, 2)], _pad(mask2, 2, True), lengths,
-                      include_unmasked=True, l1_weight=1.0, generator=_gen(1))
-    assert torch.allclose(a, b)
-
-
-def test_colld_negative_sampling_is_valid_and_distinct():
-    lengths = torch.tensor([7, 3])
-    anchor_b = torch.tensor([0, 0, 1, 1, 1])
-    anchor_t = torch.tensor([0, 6, 0, 1, 2])
-    idx, ok = losses._sample_negatives(anchor_b, anchor_t, lengths, 7, 4, _gen())
-    assert idx.shape == ok.shape == (5, 4)
-    for a in range(5):
-        picked = idx[a][ok[a]].tolist()
-        n_other = int(lengths[anchor_b[a]]) - 1
-        assert len(picked) == min(4, n_other) and len(set(picked)) == len(picked)
-        assert all(j != anchor_t[a] and j < lengths[anchor_b[a]] for j in picked)
-
-
-def test_colld_empty_mask_and_grad():
-    torch.manual_seed(5)
-    p = torch.randn(2, 4, 3, requires_grad=True)
-    t = torch.randn(2, 4, 3)
-    lengths = torch.tensor([4, 2])
-    empty = torch.zeros(2, 4, dtype=torch.bool)
-    empty[1, 3] = True  # a masked padded frame is not an anchor
-    total, parts = colld_loss([p], [t], empty, lengths, generator=_gen())
-    assert torch.isfinite(total) and total.item() == 0.0 and parts["nce"].item() == 0.0
-    total.backward()
-    assert p.grad is not None and (p.grad == 0).all()
-    p.grad = None
-    mask = torch.tensor([[True, False, True, True], [True, True, False, True]])
-    total, _ = colld_loss([p, p * 2], [t, t], mask, lengths, num_negatives=2, generator=_gen())
-    total.backward()
-    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-    assert (p.grad[1, 2:] == 0).all()  # padded frames get no gradient
-    # a one-frame utterance: no negatives at all, positive alone -> loss 0, finite grads
-    q = torch.randn(1, 1, 3, requires_grad=True)
-    total, _ = colld_loss([q], [torch.randn(1, 1, 3)], torch.tensor([[True]]), torch.tensor([1]),
-                          generator=_gen())
-    total.backward()
-    assert total.item() == 0.0 and torch.isfinite(q.grad).all()
+def test_mask_share_matches_the_official_batches_within_005():
+    """ARMHuBERT's recipe batch is 221 s per micro-step; the official run had 18 utterances per
+    GPU, length-bucketed, and fairseq equalised the masked count over those 18 rows. On a
+    LibriSpeech-like length distribution our 221 s batches hold up to ~110 short rows; equalised
+    over the whole batch they would realise far less than the official share."""
+    rng = np.random.default_rng(0)
+    seconds = np.clip(rng.gamma(4.0, 12.3 / 4.0, 6000), 1.5, 35.0)  # mean ~12.3 s, like LibriSpeech
+    frames = [data.frame_count(int(s * 16000), [(1, 400, 320)]) for s in seconds]
+    ours = data.LengthBucketSampler([int(s * 16000) for s in seconds], 221 * 16000, seed=0)
+    official = data.LengthBucketSampler([int(s * 16000) for s in seconds], 10 ** 9, seed=0, max_batch_size=18)
+    ours_b = [[frames[i] for i in b] for b in ours.batches][::3]
+    official_b = [[frames[i] for i in b] for b in official.batches][::3]
+    reference = _mask_share(official_b, None, rng)  # fairseq semantics on the official batches
+    grouped = _mask_share(ours_b, 18, rng)
+    whole = _mask_share(ours_b, None, rng)
+    assert 0.55 < reference < 0.75
+    assert abs(grouped - reference) < 0.05, (grouped, reference)
+    assert whole < grouped  # the defect this fixes: one minimum over many rows
+    # every row of a group keeps the same count; groups are rows of neighbouring lengths
+    m = data.compute_mask_indices(np.array([100, 300, 120, 280]), 300, 0.8, 10, "uniform", 2, True, 1,
+                                  same_count_rows=2, rng=rng)
+    c = m.sum(1).tolist()
+    assert c[0] == c[2] and c[1] == c[3] and c[0] < c[1]
+    args = distill.parse_args(["--method", "armhubert", "--data", "x"])
+    assert args.mask_same_rows == 18
 
 
 # ----------------------------------------------------------------------------
@@ -1322,6 +1096,460 @@ def test_model_init_from_teacher_shape_mismatch_lists_tensors(tiny_teacher):
     assert "(50, 48)" in msg and "(96, 48)" in msg
 
 
+# ----------------------------------------------------------------------------- model.py: official-code details (issue 9), float32 norms, the layer map, older checkpoints
+
+def test_model_layer_map_rounds_halves_up_and_never_hits_layer_0():
+    class Teacher12:
+        config = dict(model.TINY_TEACHER_CONFIG)
+        dim, num_layers = 48, 12
+
+    for L_s, expected in ((24, [1, 1, 2, 2, 3]), (8, [2, 3, 5, 6, 8, 9, 11, 12])):
+        cfg, _ = fit_to_teacher(replace(PRESETS["colld"], num_layers=L_s), Teacher12)
+        assert list(cfg.target_layers[: len(expected)]) == expected and min(cfg.target_layers) >= 1
+        assert cfg.target_layers[-1] == 12
+
+
+def test_model_masked_group_norm_is_float32_under_autocast():
+    # bf16 statistics would drift from nn.GroupNorm; the norm must compute in float32 and return x's dtype
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 4)
+    x = (torch.randn(2, 4, 50) * 3 + 20).bfloat16()
+    valid = torch.ones(2, 1, 50, dtype=torch.bfloat16)
+    out = model.masked_instance_norm(x, valid, norm)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), norm(x.float()), atol=0.02, rtol=0.02)
+
+
+def test_official_reuse_layers_apply_no_attention_dropout(tiny_teacher):
+    cfg = _mt_cfg("armhubert", tiny_teacher, attention_dropout=0.9)
+    student = _mt_student(cfg)
+    assert student.layers[0].attention.dropout == 0.9 and student.layers[1].attention.dropout == 0.0
+    student.train()
+    x = torch.randn(2, 7, cfg.dim)
+    allowed = torch.ones(1, 1, 1, 7, dtype=torch.bool)
+    prev = torch.softmax(torch.randn(2, cfg.num_heads, 7, 7), -1)
+    a, _ = student.layers[1].attention(x, allowed, prev_attn=prev)
+    b, _ = student.layers[1].attention(x, allowed, prev_attn=prev)
+    assert torch.equal(a, b)  # no random dropout on the reused map, even in training mode
+    # the computing layer drops out its own map, but hands the clean probabilities on
+    torch.manual_seed(0)
+    _, attn = student.layers[0].attention(x, allowed, need_attn=True)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, cfg.num_heads, 7), atol=1e-5)
+
+
+def test_official_layer_grad_scale_factors(tiny_teacher):
+    assert model.layer_grad_scales(12) == [(12 - i) / (13 - i) for i in range(12)]
+    assert model.layer_grad_scales(12)[0] == 12 / 13 and model.layer_grad_scales(12)[-1] == 0.5
+    assert PRESETS["armhubert"].layer_grad_scale and not PRESETS["maskhubert"].layer_grad_scale
+    on_cfg = _mt_cfg("armhubert", tiny_teacher, layer_grad_scale=True)
+    off = _mt_student(replace(on_cfg, layer_grad_scale=False))
+    on = _mt_student(on_cfg)
+    on.load_state_dict(off.state_dict())
+    m = model.layer_grad_scales(on_cfg.num_layers)
+    wav, lengths = _mt_wav([4000, 3000], seed=3)
+    for j in (1, 3):  # a loss on head j alone
+        grads, outs = [], []
+        for s in (off, on):
+            s.zero_grad()
+            preds, _ = s(wav, lengths)
+            outs.append(preds[j].detach())
+            preds[j].pow(2).sum().backward()
+            grads.append({n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None})
+        assert torch.equal(outs[0], outs[1])  # forward values are unchanged
+        g_off, g_on = grads
+        head = f"heads.{j}.weight"
+        assert torch.allclose(g_on[head], g_off[head])  # the head's own weights: unscaled
+        own = f"layers.{j}.final_layer_norm.bias"  # reached only through head j's copy of x_j
+        assert torch.allclose(g_on[own], m[j] * (1 - m[j]) * g_off[own], rtol=1e-4, atol=1e-7)
+        below = f"layers.{j - 1}.final_layer_norm.bias"  # x_{j-1} -> layer j -> head j
+        assert torch.allclose(g_on[below], m[j - 1] * m[j] * (1 - m[j]) * g_off[below], rtol=1e-4, atol=1e-7)
+
+
+def test_official_bert_init_on_the_transformer_only(tiny_teacher):
+    student = _mt_student(_mt_cfg("armhubert", tiny_teacher, dim=96, ffn_dim=192, num_heads=4,
+                                  conv_layers=_mt_small_conv(96)))
+    w = torch.cat([student.layers[i].fc1.weight.flatten() for i in range(len(student.layers))])
+    assert abs(float(w.detach().std()) - 0.02) < 0.002 and float(student.layers[0].fc1.bias.abs().max()) == 0.0
+    assert float(student.layers[0].attention.q_proj.bias.abs().max()) == 0.0
+    assert float(student.heads[0].bias.abs().max()) > 0  # heads keep PyTorch's init (official)
+    conv = student.front_end.conv_layers[0].conv.weight  # kaiming normal: std sqrt(2 / fan_in)
+    assert abs(float(conv.std()) / math.sqrt(2 / conv[0].numel()) - 1) < 0.15
+    pt = _mt_student(_mt_cfg("armhubert", tiny_teacher, init="pytorch"))
+    assert float(pt.layers[0].fc1.bias.abs().max()) > 0
+    with pytest.raises(ValueError, match="init="):
+        Student(replace(pt.cfg, init="xavier"))
+
+
+def test_official_input_dropout_and_feature_grad_mult_presets(tiny_teacher):
+    assert PRESETS["armhubert"].input_dropout == 0.05 and PRESETS["maskhubert"].input_dropout == 0.05
+    assert PRESETS["distilhubert"].input_dropout == 0.0 and PRESETS["distilhubert"].feature_grad_mult == 0.1
+    cfg = _mt_cfg("armhubert", tiny_teacher)
+    grads = []
+    for mult in (1.0, 0.1):
+        s = _mt_student(replace(cfg, feature_grad_mult=mult))
+        preds, _ = s(*_mt_wav([4000], seed=4))
+        preds[-1].pow(2).sum().backward()
+        grads.append((s.front_end.conv_layers[0].conv.weight.grad.clone(), s.layers[0].fc1.weight.grad.clone()))
+    assert torch.allclose(grads[1][0], 0.1 * grads[0][0], rtol=1e-3, atol=1e-7)  # conv: scaled
+    assert torch.allclose(grads[1][1], grads[0][1])  # the rest: unchanged
+
+
+def test_init_conv_from_teacher_copies_the_front_end_only(tiny_teacher):
+    cfg = replace(PRESETS["armhubert"], dim=32, ffn_dim=64, num_heads=4, num_layers=2,
+                  conv_layers=_mt_small_conv(32), init_conv_from_teacher=True)
+    cfg, notes = fit_to_teacher(cfg, tiny_teacher)
+    assert cfg.feature_projection and cfg.conv_layers == [tuple(c) for c in tiny_teacher.config["extractor_conv_layer_config"]]
+    student = Student(cfg).eval()
+    keys = model.init_conv_from_teacher(student, tiny_teacher)
+    assert keys and all(k.startswith(("front_end.conv_layers.", "front_end.feature_norm.")) for k in keys)
+    wav, lengths = _mt_wav([5000, 3000], seed=5)
+    with torch.no_grad():
+        a, la = student.cnn_features(wav, lengths)
+        b, lb = tiny_teacher.cnn_features(wav, lengths)
+    assert torch.equal(la, lb) and torch.allclose(a, b, atol=1e-6)
+    bad = Student(replace(cfg, conv_layers=_mt_small_conv(32), feature_projection=False))
+    with pytest.raises(ValueError, match="conv shapes do not fit"):
+        model.init_conv_from_teacher(bad, tiny_teacher)
+
+
+def test_teacher_final_norm_matches_torchaudio_forward():
+    cfg = dict(model.TINY_TEACHER_CONFIG, encoder_layer_norm_first=True)
+    torch.manual_seed(0)
+    ta = torchaudio.models.wav2vec2_model(**cfg).eval()
+    teacher = model.teacher_from_checkpoint({"config": cfg, "state_dict": ta.state_dict(), "mask_emb": torch.zeros(48)})
+    wav, lengths = _mt_wav([6000], seed=6)
+    with torch.no_grad():
+        plain, _ = teacher(wav, lengths)
+        final, _ = teacher(wav, lengths, final_norm=True)
+        out, _ = ta(wav)  # the encoder output: after the final LayerNorm of a pre-LN model
+        feats, _ = ta.extract_features(wav)  # block outputs: before it
+    assert torch.allclose(final[-1], out, atol=1e-4) and torch.allclose(plain[-1], feats[-1], atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(plain[:-1], final[:-1]))  # only the last layer changes
+    assert not torch.allclose(plain[-1], final[-1], atol=1e-2)
+    assert distill.parse_args(["--method", "distilhubert", "--data", "x"]).teacher_final_norm is True
+    assert distill.parse_args(["--method", "armhubert", "--data", "x"]).teacher_final_norm is False
+    assert distill.parse_args(["--method", "armhubert", "--data", "x", "--teacher_final_norm", "true"]).teacher_final_norm
+
+
+def test_teacher_final_norm_wavlm_and_old_checkpoints(tmp_path):
+    cfg = dict(_MT_WAVLM_CFG, encoder_layer_norm_first=True)
+    torch.manual_seed(0)
+    ta = torchaudio.models.wavlm_model(**cfg, aux_num_out=None).eval()
+    teacher = model.teacher_from_checkpoint({"config": dict(cfg, aux_num_out=None), "state_dict": ta.state_dict(),
+                                             "mask_emb": torch.zeros(cfg["encoder_embed_dim"])})
+    wav, lengths = _mt_wav([6000], seed=7)
+    with torch.no_grad():
+        final, _ = teacher(wav, lengths, final_norm=True)
+        plain, _ = teacher(wav, lengths)
+        out, _ = ta(wav)
+        feats, _ = ta.extract_features(wav)
+    assert torch.allclose(final[-1], out, atol=1e-4) and torch.allclose(plain[-1], feats[-1], atol=1e-4)
+    # a checkpoint written before the 2026-12 fields rebuilds with the behaviour it was trained with
+    old = model.config_to_dict(PRESETS["armhubert"])
+    for k in ("init", "feature_grad_mult", "layer_grad_scale", "init_conv_from_teacher", "normalize_waveform",
+              "reuse_attention_dropout"):
+        old.pop(k)
+    cfg = model.config_from_dict(old)
+    assert cfg.init == "pytorch" and cfg.reuse_attention_dropout == cfg.attention_dropout and not cfg.layer_grad_scale
+
+
+def test_copied_conv_standardises_audio_like_its_teacher(tiny_teacher):
+    cfg = replace(PRESETS["armhubert"], dim=32, ffn_dim=64, num_heads=4, num_layers=2, init_conv_from_teacher=True)
+    teacher = model.teacher_from_checkpoint({**model.random_teacher_checkpoint("tiny", 0), "normalize_waveform": True})
+    cfg, _ = fit_to_teacher(cfg, teacher)
+    assert cfg.normalize_waveform
+    student = Student(cfg).eval()
+    model.init_conv_from_teacher(student, teacher)
+    wav, lengths = _mt_wav([5000, 3000], seed=8, garbage=False)
+    with torch.no_grad():
+        a, _ = student.cnn_features(3.0 * wav, lengths)
+        b, _ = teacher.cnn_features(3.0 * wav, lengths)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["distilhubert", "armhubert", "gendistiller"])
+def test_model_checkpoints_with_pre_2026_12_parameter_names_load(preset, tiny_teacher, tmp_path):
+    # before the front end, DistilHuBERT's heads and the generator were modules of their own, their
+    # parameters sat at the top level: conv_layers.*, pred_shared.*, pred_split.*, slot_emb, out_proj.*
+    student = _mt_student(_mt_cfg(preset, tiny_teacher))
+    old_names = {}
+    for k, v in student.state_dict().items():
+        k = k.replace("front_end.", "").replace("generator.", "")
+        old_names[k.replace("heads.shared.", "pred_shared.").replace("heads.split.", "pred_split.")] = v
+    assert any(k.startswith("conv_layers.") for k in old_names)
+    path = tmp_path / "old.pt"
+    torch.save({"config": model.config_to_dict(student.cfg), "student": old_names}, path)
+    loaded = model.load_student(str(path))
+    wav, lengths = _mt_wav([4000, 2600], seed=3)
+    with torch.no_grad():
+        for a, b in zip(student.hidden_states(wav, lengths)[0], loaded.hidden_states(wav, lengths)[0]):
+            assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# losses.py: hand-worked values, padding invariance, minima
+# ----------------------------------------------------------------------------
+
+def _t(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _pad(x, extra, value=7.0):
+    """Append `extra` padded frames filled with `value` to (B, T, D) or (B, T)."""
+    shape = list(x.shape)
+    shape[1] = extra
+    return torch.cat([x, torch.full(shape, value, dtype=x.dtype)], dim=1)
+
+
+# ----------------------------------------------------------------------------- DistilHuBERT
+
+def test_distilhubert_hand_value():
+    # frame 0: |diff| = [1, 1] -> 1, cos = 0 -> log 2; frame 1: equal -> 0, cos = 1;
+    # frame 2 is padding with garbage and must not count.
+    pred = _t([[[1, 0], [0, 1], [100, -3]]])
+    tgt = _t([[[0, 1], [0, 1], [-5, 8]]])
+    lengths = torch.tensor([2])
+    total, parts = distilhubert_loss([pred], [tgt], lengths)
+    l1 = (1 + 0) / 2
+    cos = (math.log(2) + math.log(1 + math.exp(-1))) / 2  # -log sigmoid(x) = log(1 + e^-x)
+    assert math.isclose(parts["l1"].item(), l1, rel_tol=1e-6)
+    assert math.isclose(parts["cos"].item(), cos, rel_tol=1e-6)
+    assert math.isclose(total.item(), l1 + cos, rel_tol=1e-6)
+    # lambda weights the cosine term only
+    total2, _ = distilhubert_loss([pred], [tgt], lengths, cos_weight=0.5)
+    assert math.isclose(total2.item(), l1 + 0.5 * cos, rel_tol=1e-6)
+
+
+def test_distilhubert_layer_average_and_frame_pooling():
+    # B = 2 with lengths 1 and 2: N = 3 valid frames pooled over the batch.
+    # layer A: utt 0 frame 0 diff [2, 0] (cos 1: same direction), utt 1 frames exact.
+    pa = _t([[[3, 0], [9, 9]], [[0, 1], [1, 0]]])
+    ta = _t([[[1, 0], [0, 0]], [[0, 1], [1, 0]]])
+    # layer B: prediction = target everywhere
+    pb = _t([[[1, 2], [3, 4]], [[5, 6], [7, 8]]])
+    lengths = torch.tensor([1, 2])
+    total, parts = distilhubert_loss([pa, pb], [ta, pb.clone()], lengths)
+    cos1 = math.log(1 + math.exp(-1))  # all valid cosines are 1
+    l1_a = (1.0 + 0 + 0) / 3  # mean over d of [2, 0] is 1
+    assert math.isclose(parts["l1"].item(), (l1_a + 0) / 2, rel_tol=1e-6)
+    assert math.isclose(parts["cos"].item(), cos1, rel_tol=1e-6)
+    assert math.isclose(total.item(), l1_a / 2 + cos1, rel_tol=1e-6)
+
+
+def test_distilhubert_minimum_and_padding_invariance():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3)
+    lengths = torch.tensor([4, 2])
+    total, parts = distilhubert_loss([x], [x.clone()], lengths)
+    assert parts["l1"].item() < 1e-7
+    assert math.isclose(total.item(), math.log(1 + math.exp(-1)), rel_tol=1e-5)  # cos = 1
+    y = torch.randn(2, 4, 3)
+    ref, _ = distilhubert_loss([x], [y], lengths)
+    x2, y2 = x.clone(), y.clone()
+    x2[1, 2:] = 50.0
+    y2[1, 2:] = -3.0
+    out, _ = distilhubert_loss([x2], [y2], lengths)
+    out_long, _ = distilhubert_loss([_pad(x, 3)], [_pad(y, 3, -1.0)], lengths)
+    assert torch.allclose(ref, out) and torch.allclose(ref, out_long)
+
+
+def test_distilhubert_grad_and_gendistiller_same():
+    torch.manual_seed(1)
+    p = torch.randn(2, 3, 4, requires_grad=True)
+    t = torch.randn(2, 3, 4)
+    lengths = torch.tensor([3, 1])
+    total, parts = distilhubert_loss([p], [t], lengths)
+    total.backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert (p.grad[1, 1:] == 0).all()  # padded frames get no gradient
+    assert not parts["l1"].requires_grad
+    g_total, g_parts = gendistiller_loss([p], [t], lengths, cos_weight=0.3)
+    d_total, d_parts = distilhubert_loss([p], [t], lengths, cos_weight=0.3)
+    assert torch.equal(g_total, d_total) and g_parts.keys() == d_parts.keys()
+    g_total.backward()
+
+
+# ----------------------------------------------------------------------------- ARMHuBERT
+
+def _md_example():
+    pred = _t([[[0, 0], [0, 0], [0, 0]]])
+    clean = _t([[[2, 0], [3, 3], [8, 8]]])  # frame 0 masked -> uses [2, 0]: e = 4/2 = 2
+    masked = _t([[[9, 9], [1, 1], [8, 8]]])  # frame 1 unmasked -> uses [1, 1]: e = 1
+    mask = torch.tensor([[True, False, True]])  # frame 2 is padding
+    return pred, clean, masked, mask, torch.tensor([2])
+
+
+def test_masking_distillation_hand_value():
+    pred, clean, masked, mask, lengths = _md_example()
+    total, parts = masking_distillation_loss([pred], [clean], [masked], mask, lengths)
+    # one layer = the last layer, weight 1.0; N = 2 valid frames
+    assert math.isclose(total.item(), (2 + 1) / 2, rel_tol=1e-6)
+    assert math.isclose(parts["masked"].item(), 2 / 2, rel_tol=1e-6)
+    assert math.isclose(parts["unmasked"].item(), 1 / 2, rel_tol=1e-6)
+
+
+def test_masking_distillation_layer_weights():
+    pred, clean, masked, mask, lengths = _md_example()
+    total, parts = masking_distillation_loss([pred] * 3, [clean] * 3, [masked] * 3, mask, lengths)
+    assert math.isclose(total.item(), (0.1 + 0.1 + 1.0) * 1.5, rel_tol=1e-6)
+    assert math.isclose((parts["masked"] + parts["unmasked"]).item(), total.item(), rel_tol=1e-6)
+    total, _ = masking_distillation_loss([pred] * 2, [clean] * 2, [masked] * 2, mask, lengths,
+                                         layer_weights=[2.0, 0.0])
+    assert math.isclose(total.item(), 2.0 * 1.5, rel_tol=1e-6)
+
+
+def test_masking_distillation_picks_the_right_target():
+    torch.manual_seed(2)
+    p = torch.randn(2, 4, 3)
+    mask = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    lengths = torch.tensor([4, 3])
+    m = mask[:, :, None]
+    clean = torch.where(m, p, p + 1)  # right only on masked frames
+    masked = torch.where(m, p + 1, p)  # right only on unmasked frames
+    total, _ = masking_distillation_loss([p], [clean], [masked], mask, lengths)
+    assert total.item() < 1e-10
+    swapped, _ = masking_distillation_loss([p], [masked], [clean], mask, lengths)
+    assert math.isclose(swapped.item(), 1.0, rel_tol=1e-6)  # every valid frame off by 1
+
+
+def test_masking_distillation_padding_invariance_and_grad():
+    torch.manual_seed(3)
+    p = torch.randn(2, 4, 3, requires_grad=True)
+    c, m_t = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    mask = torch.tensor([[True, False, True, True], [False, True, False, True]])
+    lengths = torch.tensor([4, 2])
+    ref, ref_parts = masking_distillation_loss([p], [c], [m_t], mask, lengths)
+    c2, m2, mask2 = c.clone(), m_t.clone(), mask.clone()
+    c2[1, 2:], m2[1, 2:], mask2[1, 2:] = 30.0, -30.0, ~mask[1, 2:]
+    out, _ = masking_distillation_loss([p], [c2], [m2], mask2, lengths)
+    out_long, _ = masking_distillation_loss([_pad(p.detach(), 2)], [_pad(c, 2)], [_pad(m_t, 2)],
+                                            _pad(mask, 2, True), lengths)
+    assert torch.allclose(ref, out) and torch.allclose(ref, out_long)
+    ref.backward()
+    assert torch.isfinite(p.grad).all() and (p.grad[1, 2:] == 0).all()
+    assert p.grad[0].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- CoLLD
+
+def test_colld_hand_value():
+    # anchor frame 0: z = [1, 0]; positive [1, 0] (cos 1); the only other valid frame [0, 1]
+    # (cos 0) is the one negative even though K = 100; frame 2 is padding.
+    pred = _t([[[1, 0], [5, 5], [1, 0]]])
+    tgt = _t([[[1, 0], [0, 1], [1, 0]]])
+    mask = torch.tensor([[True, False, True]])
+    lengths = torch.tensor([2])
+    for tau in (1.0, 0.1):
+        total, parts = colld_loss([pred], [tgt], mask, lengths, temperature=tau, generator=_gen())
+        expected = math.log(1 + math.exp(-1 / tau))  # -log e^{1/tau} / (e^{1/tau} + e^0)
+        # note: float32 log-softmax near 0 is accurate to ~1e-7 absolute, not relative
+        assert math.isclose(total.item(), expected, rel_tol=1e-5, abs_tol=1e-6)
+        assert math.isclose(parts["nce"].item(), expected, rel_tol=1e-5, abs_tol=1e-6)
+        assert parts["_acc"].item() == 1.0 and "l1" not in parts
+
+
+def test_colld_fewer_frames_than_k_and_k_smaller():
+    # 3 valid frames, anchor 0 with z = positive = [1, 0]; both other frames have cos 0,
+    # so the loss only depends on how many negatives are used: log(1 + K_a / e) at tau 1.
+    pred = _t([[[1, 0], [0, 1], [0, -1], [0, 0]]])
+    tgt = _t([[[1, 0], [0, 1], [0, -1], [3, 3]]])
+    mask = torch.tensor([[True, False, False, True]])
+    lengths = torch.tensor([3])
+    for k, k_a in ((100, 2), (2, 2), (1, 1)):
+        total, _ = colld_loss([pred], [tgt], mask, lengths, num_negatives=k, temperature=1.0,
+                              generator=_gen())
+        assert math.isclose(total.item(), math.log(1 + k_a * math.exp(-1)), rel_tol=1e-5)
+
+
+def test_colld_two_layers_include_unmasked_and_l1():
+    # utterance 0 (2 valid frames): orthogonal one-hot targets, pred = target.
+    # layer 1 exact; layer 2 has pred frame 1 = [0, 2] (cos still 1, L1 = 0.5 on that frame).
+    tgt = _t([[[1, 0], [0, 1]]])
+    p2 = _t([[[1, 0], [0, 2]]])
+    mask = torch.tensor([[True, False]])
+    lengths = torch.tensor([2])
+    tau = 0.5
+    nce = math.log(1 + math.exp(-1 / tau))
+    total, parts = colld_loss([tgt.clone(), p2], [tgt, tgt], mask, lengths, temperature=tau,
+                              include_unmasked=True, l1_weight=0.5, generator=_gen())
+    l1 = (0 + 0.5 / 2) / 2  # layer 2: frames 0 and 1 -> L1 (0 + 0.5) / 2; layer mean
+    assert math.isclose(parts["nce"].item(), nce, rel_tol=1e-5)
+    assert math.isclose(parts["l1"].item(), l1, rel_tol=1e-5)
+    assert math.isclose(total.item(), nce + 0.5 * l1, rel_tol=1e-5)
+
+
+def test_colld_near_zero_when_student_copies_teacher():
+    tgt = torch.eye(6)[None].repeat(2, 1, 1)  # (2, 6, 6) distinct orthogonal frames
+    mask = torch.tensor([[True, False, True, True, False, True]] * 2)
+    total, parts = colld_loss([tgt.clone()], [tgt], mask, torch.tensor([6, 4]), num_negatives=3,
+                              temperature=0.05, generator=_gen())
+    assert total.item() < 1e-6 and parts["_acc"].item() == 1.0
+
+
+def test_colld_padding_invariance_fixed_generator():
+    torch.manual_seed(4)
+    p, t = torch.randn(2, 6, 3), torch.randn(2, 6, 3)
+    mask = torch.tensor([[True, True, False, True, False, True], [False, True, True, False, True, True]])
+    lengths = torch.tensor([6, 4])
+    ref, ref_parts = colld_loss([p], [t], mask, lengths, num_negatives=2, generator=_gen(5))
+    # the draw matters (K = 2 < other frames): another seed gives another value
+    other, _ = colld_loss([p], [t], mask, lengths, num_negatives=2, generator=_gen(6))
+    assert not torch.allclose(ref, other)
+    p2, t2, mask2 = p.clone(), t.clone(), mask.clone()
+    p2[1, 4:], t2[1, 4:], mask2[1, 4:] = 40.0, -2.0, ~mask[1, 4:]
+    out, _ = colld_loss([p2], [t2], mask2, lengths, num_negatives=2, generator=_gen(5))
+    out_long, _ = colld_loss([_pad(p, 3)], [_pad(t, 3, 1.0)], _pad(mask, 3, True), lengths,
+                             num_negatives=2, generator=_gen(5))
+    assert torch.allclose(ref, out) and torch.allclose(ref, out_long)
+    # with l1 and unmasked anchors too
+    a, _ = colld_loss([p], [t], mask, lengths, include_unmasked=True, l1_weight=1.0, generator=_gen(1))
+    b, _ = colld_loss([_pad(p2, 2)], [_pad(t2, 2)], _pad(mask2, 2, True), lengths,
+                      include_unmasked=True, l1_weight=1.0, generator=_gen(1))
+    assert torch.allclose(a, b)
+
+
+def test_colld_negative_sampling_is_valid_and_distinct():
+    lengths = torch.tensor([7, 3])
+    anchor_b = torch.tensor([0, 0, 1, 1, 1])
+    anchor_t = torch.tensor([0, 6, 0, 1, 2])
+    idx, ok = losses._sample_negatives(anchor_b, anchor_t, lengths, 7, 4, _gen())
+    assert idx.shape == ok.shape == (5, 4)
+    for a in range(5):
+        picked = idx[a][ok[a]].tolist()
+        n_other = int(lengths[anchor_b[a]]) - 1
+        assert len(picked) == min(4, n_other) and len(set(picked)) == len(picked)
+        assert all(j != anchor_t[a] and j < lengths[anchor_b[a]] for j in picked)
+
+
+def test_colld_empty_mask_and_grad():
+    torch.manual_seed(5)
+    p = torch.randn(2, 4, 3, requires_grad=True)
+    t = torch.randn(2, 4, 3)
+    lengths = torch.tensor([4, 2])
+    empty = torch.zeros(2, 4, dtype=torch.bool)
+    empty[1, 3] = True  # a masked padded frame is not an anchor
+    total, parts = colld_loss([p], [t], empty, lengths, generator=_gen())
+    assert torch.isfinite(total) and total.item() == 0.0 and parts["nce"].item() == 0.0
+    total.backward()
+    assert p.grad is not None and (p.grad == 0).all()
+    p.grad = None
+    mask = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    total, _ = colld_loss([p, p * 2], [t, t], mask, lengths, num_negatives=2, generator=_gen())
+    total.backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert (p.grad[1, 2:] == 0).all()  # padded frames get no gradient
+    # a one-frame utterance: no negatives at all, positive alone -> loss 0, finite grads
+    q = torch.randn(1, 1, 3, requires_grad=True)
+    total, _ = colld_loss([q], [torch.randn(1, 1, 3)], torch.tensor([[True]]), torch.tensor([1]),
+                          generator=_gen())
+    total.backward()
+    assert total.item() == 0.0 and torch.isfinite(q.grad).all()
+
+
 # ----------------------------------------------------------------------------
 # distill.py: overfitting, resume, checkpoints, errors, DDP, kill
 # ----------------------------------------------------------------------------
@@ -1753,6 +1981,138 @@ def test_distill_sigkill_leaves_loadable_checkpoints_and_resumes(tmp_path):
     _dt_assert_same_state(final["student"], _dt_load(os.path.join(straight, f"ckpt-{steps:08d}.pt"))["student"])
 
 
+# ----------------------------------------------------------------------------- distill.py: targets, masks, recipes, errors, resume details
+
+def test_distill_atomic_save_failure_leaves_old_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    # disk full in the middle of a checkpoint write: the partial file is removed, the previous
+    # checkpoint stays complete, and the error reaches the caller
+    good = tmp_path / "ckpt-00000001.pt"
+    distill.atomic_save({"a": torch.ones(2)}, str(good))
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        distill.atomic_save({"a": torch.zeros(2)}, str(tmp_path / "ckpt-00000002.pt"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000001.pt"]
+    assert torch.equal(torch.load(good, weights_only=True)["a"], torch.ones(2))
+
+
+def test_distill_masks_differ_across_micro_steps_and_are_reproducible():
+    # accumulation micro-steps of one update must not share a mask; a resumed run redraws it exactly
+    args = distill.parse_args(["--method", "armhubert", "--data", "synthetic"])
+    frames = torch.tensor([100, 100])
+    a = distill.draw_mask(args, frames, 100, [args.seed, 7, 0, 0])
+    b = distill.draw_mask(args, frames, 100, [args.seed, 7, 1, 0])
+    assert not torch.equal(a, b)
+    assert torch.equal(a, distill.draw_mask(args, frames, 100, [args.seed, 7, 0, 0]))
+
+
+def test_distill_target_layers_must_exist_in_teacher(tiny_teacher):
+    for bad in ("0,8,12", "4,8,13"):  # 0 is the transformer input, 13 does not exist
+        args = distill.parse_args(["--method", "distilhubert", "--data", "synthetic", f"--target_layers={bad}"])
+        with pytest.raises(SystemExit, match=r"layers 1\.\.12"):
+            distill.build_student_for(args, tiny_teacher)
+
+
+def test_distill_resume_refuses_a_different_run(tmp_path):
+    out = str(tmp_path / "run")
+    argv = ["--method", "armhubert", "--max_steps", "2", "--save_every", "2", "--workers", "0",
+            "--out", out] + _DT_RUN + _DT_SMALL
+    distill.main(argv)
+    with pytest.raises(SystemExit, match=r"--lr 0.005 != 0.001"):
+        distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--lr", "1e-3"])
+    with pytest.raises(SystemExit, match=r"--target_norm none != layer_norm"):
+        distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--target_norm", "layer_norm"])
+    with pytest.raises(SystemExit, match="not a distill.py training checkpoint"):
+        torch.save({"x": torch.ones(1)}, str(tmp_path / "other.pt"))
+        distill.main(argv + ["--resume", str(tmp_path / "other.pt")])
+
+
+def test_distill_undecodable_file_is_named_and_left_out(tmp_path, capsys):
+    # a file whose header is fine but whose body is not: found only when decoded, during training
+    root = tmp_path / "corpus"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        sf.write(str(root / f"u{i}.flac"), (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+    broken = root / "u1.flac"
+    raw = bytearray(broken.read_bytes())
+    raw[len(raw) // 3:] = b"\xff" * (len(raw) - len(raw) // 3)  # header intact (1 s), frames garbage
+    broken.write_bytes(bytes(raw))
+    out = str(tmp_path / "run")
+    distill.main(["--method", "distilhubert", "--teacher", "tiny", "--data", str(root), "--batch_seconds", "2",
+                  "--max_steps", "3", "--workers", "0", "--log_every", "1", "--out", out])
+    printed = capsys.readouterr().out
+    assert "u1.flac" in printed and "1 undecodable file(s) left out" in printed
+    assert os.path.exists(os.path.join(out, "ckpt-00000003.pt"))
+
+
+def test_select_targets_layer_norm_per_frame():
+    layers = [torch.randn(2, 5, 6) * (k + 1) + k for k in range(4)]
+    plain = distill.select_targets(layers, (2, 4))
+    assert plain[0] is layers[1] and plain[1] is layers[3]
+    normed = distill.select_targets(layers, (2, 4), "layer_norm")
+    for t, y in zip((layers[1], layers[3]), normed):
+        ref = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        assert torch.allclose(y, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="target_norm"):
+        distill.select_targets(layers, (1,), "batch_norm")
+
+
+def test_recipe_crops_follow_s3prl_and_the_official_code():
+    assert distill.parse_args(["--method", "distilhubert", "--data", "x"]).max_seconds * 16000 == 250_000
+    assert distill.parse_args(["--method", "gendistiller", "--data", "x"]).max_seconds == 15.625
+    assert distill.parse_args(["--method", "armhubert", "--data", "x"]).max_seconds is None
+    assert distill.parse_args(["--method", "colld", "--data", "x", "--max_seconds", "4"]).max_seconds == 4
+
+
+def test_distill_mask_prob_0_is_a_plain_mse_ablation(tiny_teacher, monkeypatch):
+    base = ["--teacher", "tiny", "--data", "synthetic", "--mask_prob", "0"]
+    with pytest.raises(SystemExit, match="--colld_include_unmasked"):
+        distill.parse_args(["--method", "colld"] + base)
+    with pytest.raises(SystemExit, match="--mask_prob -0.5"):
+        distill.parse_args(["--method", "armhubert", "--teacher", "tiny", "--data", "synthetic", "--mask_prob", "-0.5"])
+    args = distill.parse_args(["--method", "armhubert"] + base + _DT_SMALL)
+    assert any("no masking" in a for a in args.applied)
+    student, _ = distill.build_student_for(args, tiny_teacher)
+    calls = []
+    real = type(tiny_teacher).forward
+    monkeypatch.setattr(type(tiny_teacher), "forward", lambda self, *a, **k: calls.append(k.get("mask")) or real(self, *a, **k))
+    wav, lengths = _dt_batch()
+    loss, parts = distill.distillation_loss(args, tiny_teacher, student, wav, lengths, step=0)
+    assert len(calls) == 1 and calls[0] is None  # one clean teacher pass, no masked one
+    assert float(parts["masked"]) == 0.0 and float(parts["mask_share"]) == 0.0 and float(loss.detach()) > 0
+    args = distill.parse_args(["--method", "armhubert", "--teacher", "tiny", "--data", "synthetic"] + _DT_SMALL)
+    _, parts = distill.distillation_loss(args, tiny_teacher, student, wav, lengths, step=0)
+    assert 0.3 < float(parts["mask_share"]) < 0.9  # logged with the loss parts
+
+
+def test_distill_resume_reorders_adam_state_of_old_gendistiller_checkpoints(tiny_teacher):
+    # a GenDistiller checkpoint from before 2026-12 listed `slot_emb` first (it sat on the top-level
+    # module); its AdamW moments must follow each parameter by name into today's order
+    student = _mt_student(_mt_cfg("gendistiller", tiny_teacher))
+    opt = torch.optim.AdamW(distill.param_groups(student, 0.01), lr=1e-3)
+    wav, lengths = _mt_wav([4000, 2600], seed=5)
+    sum(p.pow(2).sum() for p in student(wav, lengths)[0]).backward()
+    opt.step()
+    today = opt.state_dict()
+    names = [n for n, _ in student.named_parameters()]
+    old_names = ["generator.slot_emb"] + [n for n in names if n != "generator.slot_emb"]
+    params = dict(student.named_parameters())
+    new_order, old_order = distill.optimizer_order(names, params), distill.optimizer_order(old_names, params)
+    assert new_order != old_order
+    old_state = {old_order.index(n): today["state"][i] for i, n in enumerate(new_order)}
+    fixed = distill.optimizer_state_for({**today, "state": old_state}, old_names, student)
+    for i in today["state"]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fixed["state"][i][k], today["state"][i][k])
+    assert distill.optimizer_state_for(today, names, student) is today  # today's order: untouched
+
+
 # ----------------------------------------------------------------------------
 # eval.py: decoding, error rates, featurizer, probe, speed
 # ----------------------------------------------------------------------------
@@ -2007,364 +2367,3 @@ def test_speed_prints_table(capsys, tmp_path):
     saved = json.loads(out.read_text())
     assert len(saved["rows"]) == len(rows)
     assert "distill step distilhubert" in names and not saved["skipped"], saved["skipped"]
-
-
-def test_distill_atomic_save_failure_leaves_old_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
-    # disk full in the middle of a checkpoint write: the partial file is removed, the previous
-    # checkpoint stays complete, and the error reaches the caller
-    good = tmp_path / "ckpt-00000001.pt"
-    distill.atomic_save({"a": torch.ones(2)}, str(good))
-
-    def full_disk(obj, f):
-        f.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space"):
-        distill.atomic_save({"a": torch.zeros(2)}, str(tmp_path / "ckpt-00000002.pt"))
-    monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000001.pt"]
-    assert torch.equal(torch.load(good, weights_only=True)["a"], torch.ones(2))
-
-
-def test_distill_masks_differ_across_micro_steps_and_are_reproducible():
-    # accumulation micro-steps of one update must not share a mask; a resumed run redraws it exactly
-    args = distill.parse_args(["--method", "armhubert", "--data", "synthetic"])
-    frames = torch.tensor([100, 100])
-    a = distill.draw_mask(args, frames, 100, [args.seed, 7, 0, 0])
-    b = distill.draw_mask(args, frames, 100, [args.seed, 7, 1, 0])
-    assert not torch.equal(a, b)
-    assert torch.equal(a, distill.draw_mask(args, frames, 100, [args.seed, 7, 0, 0]))
-
-
-def test_distill_target_layers_must_exist_in_teacher(tiny_teacher):
-    for bad in ("0,8,12", "4,8,13"):  # 0 is the transformer input, 13 does not exist
-        args = distill.parse_args(["--method", "distilhubert", "--data", "synthetic", f"--target_layers={bad}"])
-        with pytest.raises(SystemExit, match=r"layers 1\.\.12"):
-            distill.build_student_for(args, tiny_teacher)
-
-
-def test_distill_resume_refuses_a_different_run(tmp_path):
-    out = str(tmp_path / "run")
-    argv = ["--method", "armhubert", "--max_steps", "2", "--save_every", "2", "--workers", "0",
-            "--out", out] + _DT_RUN + _DT_SMALL
-    distill.main(argv)
-    with pytest.raises(SystemExit, match=r"--lr 0.005 != 0.001"):
-        distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--lr", "1e-3"])
-    with pytest.raises(SystemExit, match=r"--target_norm none != layer_norm"):
-        distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--target_norm", "layer_norm"])
-    with pytest.raises(SystemExit, match="not a distill.py training checkpoint"):
-        torch.save({"x": torch.ones(1)}, str(tmp_path / "other.pt"))
-        distill.main(argv + ["--resume", str(tmp_path / "other.pt")])
-
-
-def test_model_layer_map_rounds_halves_up_and_never_hits_layer_0():
-    class Teacher12:
-        config = dict(model.TINY_TEACHER_CONFIG)
-        dim, num_layers = 48, 12
-
-    for L_s, expected in ((24, [1, 1, 2, 2, 3]), (8, [2, 3, 5, 6, 8, 9, 11, 12])):
-        cfg, _ = fit_to_teacher(replace(PRESETS["colld"], num_layers=L_s), Teacher12)
-        assert list(cfg.target_layers[: len(expected)]) == expected and min(cfg.target_layers) >= 1
-        assert cfg.target_layers[-1] == 12
-
-
-def test_model_masked_group_norm_is_float32_under_autocast():
-    # bf16 statistics would drift from nn.GroupNorm; the norm must compute in float32 and return x's dtype
-    torch.manual_seed(0)
-    norm = torch.nn.GroupNorm(4, 4)
-    x = (torch.randn(2, 4, 50) * 3 + 20).bfloat16()
-    valid = torch.ones(2, 1, 50, dtype=torch.bfloat16)
-    out = model.masked_instance_norm(x, valid, norm)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), norm(x.float()), atol=0.02, rtol=0.02)
-
-
-def test_distill_undecodable_file_is_named_and_left_out(tmp_path, capsys):
-    # a file whose header is fine but whose body is not: found only when decoded, during training
-    root = tmp_path / "corpus"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        sf.write(str(root / f"u{i}.flac"), (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
-    broken = root / "u1.flac"
-    raw = bytearray(broken.read_bytes())
-    raw[len(raw) // 3:] = b"\xff" * (len(raw) - len(raw) // 3)  # header intact (1 s), frames garbage
-    broken.write_bytes(bytes(raw))
-    out = str(tmp_path / "run")
-    distill.main(["--method", "distilhubert", "--teacher", "tiny", "--data", str(root), "--batch_seconds", "2",
-                  "--max_steps", "3", "--workers", "0", "--log_every", "1", "--out", out])
-    printed = capsys.readouterr().out
-    assert "u1.flac" in printed and "1 undecodable file(s) left out" in printed
-    assert os.path.exists(os.path.join(out, "ckpt-00000003.pt"))
-
-
-# ----------------------------------------------------------------------------
-# Official-code details (issue 9): reuse dropout, layer_grad_scale, init, conv from the teacher,
-# feature_grad_mult, targets (per-frame norm, a pre-LN teacher's final LayerNorm), mask share
-# ----------------------------------------------------------------------------
-
-def test_official_reuse_layers_apply_no_attention_dropout(tiny_teacher):
-    cfg = _mt_cfg("armhubert", tiny_teacher, attention_dropout=0.9)
-    student = _mt_student(cfg)
-    assert student.layers[0].attention.dropout == 0.9 and student.layers[1].attention.dropout == 0.0
-    student.train()
-    x = torch.randn(2, 7, cfg.dim)
-    allowed = torch.ones(1, 1, 1, 7, dtype=torch.bool)
-    prev = torch.softmax(torch.randn(2, cfg.num_heads, 7, 7), -1)
-    a, _ = student.layers[1].attention(x, allowed, prev_attn=prev)
-    b, _ = student.layers[1].attention(x, allowed, prev_attn=prev)
-    assert torch.equal(a, b)  # no random dropout on the reused map, even in training mode
-    # the computing layer drops out its own map, but hands the clean probabilities on
-    torch.manual_seed(0)
-    _, attn = student.layers[0].attention(x, allowed, need_attn=True)
-    assert torch.allclose(attn.sum(-1), torch.ones(2, cfg.num_heads, 7), atol=1e-5)
-
-
-def test_official_layer_grad_scale_factors(tiny_teacher):
-    assert model.layer_grad_scales(12) == [(12 - i) / (13 - i) for i in range(12)]
-    assert model.layer_grad_scales(12)[0] == 12 / 13 and model.layer_grad_scales(12)[-1] == 0.5
-    assert PRESETS["armhubert"].layer_grad_scale and not PRESETS["maskhubert"].layer_grad_scale
-    on_cfg = _mt_cfg("armhubert", tiny_teacher, layer_grad_scale=True)
-    off = _mt_student(replace(on_cfg, layer_grad_scale=False))
-    on = _mt_student(on_cfg)
-    on.load_state_dict(off.state_dict())
-    m = model.layer_grad_scales(on_cfg.num_layers)
-    wav, lengths = _mt_wav([4000, 3000], seed=3)
-    for j in (1, 3):  # a loss on head j alone
-        grads, outs = [], []
-        for s in (off, on):
-            s.zero_grad()
-            preds, _ = s(wav, lengths)
-            outs.append(preds[j].detach())
-            preds[j].pow(2).sum().backward()
-            grads.append({n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None})
-        assert torch.equal(outs[0], outs[1])  # forward values are unchanged
-        g_off, g_on = grads
-        head = f"heads.{j}.weight"
-        assert torch.allclose(g_on[head], g_off[head])  # the head's own weights: unscaled
-        own = f"layers.{j}.final_layer_norm.bias"  # reached only through head j's copy of x_j
-        assert torch.allclose(g_on[own], m[j] * (1 - m[j]) * g_off[own], rtol=1e-4, atol=1e-7)
-        below = f"layers.{j - 1}.final_layer_norm.bias"  # x_{j-1} -> layer j -> head j
-        assert torch.allclose(g_on[below], m[j - 1] * m[j] * (1 - m[j]) * g_off[below], rtol=1e-4, atol=1e-7)
-
-
-def test_official_bert_init_on_the_transformer_only(tiny_teacher):
-    student = _mt_student(_mt_cfg("armhubert", tiny_teacher, dim=96, ffn_dim=192, num_heads=4,
-                                  conv_layers=_mt_small_conv(96)))
-    w = torch.cat([student.layers[i].fc1.weight.flatten() for i in range(len(student.layers))])
-    assert abs(float(w.detach().std()) - 0.02) < 0.002 and float(student.layers[0].fc1.bias.abs().max()) == 0.0
-    assert float(student.layers[0].attention.q_proj.bias.abs().max()) == 0.0
-    assert float(student.heads[0].bias.abs().max()) > 0  # heads keep PyTorch's init (official)
-    conv = student.front_end.conv_layers[0].conv.weight  # kaiming normal: std sqrt(2 / fan_in)
-    assert abs(float(conv.std()) / math.sqrt(2 / conv[0].numel()) - 1) < 0.15
-    pt = _mt_student(_mt_cfg("armhubert", tiny_teacher, init="pytorch"))
-    assert float(pt.layers[0].fc1.bias.abs().max()) > 0
-    with pytest.raises(ValueError, match="init="):
-        Student(replace(pt.cfg, init="xavier"))
-
-
-def test_official_input_dropout_and_feature_grad_mult_presets(tiny_teacher):
-    assert PRESETS["armhubert"].input_dropout == 0.05 and PRESETS["maskhubert"].input_dropout == 0.05
-    assert PRESETS["distilhubert"].input_dropout == 0.0 and PRESETS["distilhubert"].feature_grad_mult == 0.1
-    cfg = _mt_cfg("armhubert", tiny_teacher)
-    grads = []
-    for mult in (1.0, 0.1):
-        s = _mt_student(replace(cfg, feature_grad_mult=mult))
-        preds, _ = s(*_mt_wav([4000], seed=4))
-        preds[-1].pow(2).sum().backward()
-        grads.append((s.front_end.conv_layers[0].conv.weight.grad.clone(), s.layers[0].fc1.weight.grad.clone()))
-    assert torch.allclose(grads[1][0], 0.1 * grads[0][0], rtol=1e-3, atol=1e-7)  # conv: scaled
-    assert torch.allclose(grads[1][1], grads[0][1])  # the rest: unchanged
-
-
-def test_init_conv_from_teacher_copies_the_front_end_only(tiny_teacher):
-    cfg = replace(PRESETS["armhubert"], dim=32, ffn_dim=64, num_heads=4, num_layers=2,
-                  conv_layers=_mt_small_conv(32), init_conv_from_teacher=True)
-    cfg, notes = fit_to_teacher(cfg, tiny_teacher)
-    assert cfg.feature_projection and cfg.conv_layers == [tuple(c) for c in tiny_teacher.config["extractor_conv_layer_config"]]
-    student = Student(cfg).eval()
-    keys = model.init_conv_from_teacher(student, tiny_teacher)
-    assert keys and all(k.startswith(("front_end.conv_layers.", "front_end.feature_norm.")) for k in keys)
-    wav, lengths = _mt_wav([5000, 3000], seed=5)
-    with torch.no_grad():
-        a, la = student.cnn_features(wav, lengths)
-        b, lb = tiny_teacher.cnn_features(wav, lengths)
-    assert torch.equal(la, lb) and torch.allclose(a, b, atol=1e-6)
-    bad = Student(replace(cfg, conv_layers=_mt_small_conv(32), feature_projection=False))
-    with pytest.raises(ValueError, match="conv shapes do not fit"):
-        model.init_conv_from_teacher(bad, tiny_teacher)
-
-
-def test_select_targets_layer_norm_per_frame():
-    layers = [torch.randn(2, 5, 6) * (k + 1) + k for k in range(4)]
-    plain = distill.select_targets(layers, (2, 4))
-    assert plain[0] is layers[1] and plain[1] is layers[3]
-    normed = distill.select_targets(layers, (2, 4), "layer_norm")
-    for t, y in zip((layers[1], layers[3]), normed):
-        ref = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
-        assert torch.allclose(y, ref, atol=1e-5)
-    with pytest.raises(ValueError, match="target_norm"):
-        distill.select_targets(layers, (1,), "batch_norm")
-
-
-def test_teacher_final_norm_matches_torchaudio_forward():
-    cfg = dict(model.TINY_TEACHER_CONFIG, encoder_layer_norm_first=True)
-    torch.manual_seed(0)
-    ta = torchaudio.models.wav2vec2_model(**cfg).eval()
-    teacher = model.teacher_from_checkpoint({"config": cfg, "state_dict": ta.state_dict(), "mask_emb": torch.zeros(48)})
-    wav, lengths = _mt_wav([6000], seed=6)
-    with torch.no_grad():
-        plain, _ = teacher(wav, lengths)
-        final, _ = teacher(wav, lengths, final_norm=True)
-        out, _ = ta(wav)  # the encoder output: after the final LayerNorm of a pre-LN model
-        feats, _ = ta.extract_features(wav)  # block outputs: before it
-    assert torch.allclose(final[-1], out, atol=1e-4) and torch.allclose(plain[-1], feats[-1], atol=1e-4)
-    assert all(torch.equal(a, b) for a, b in zip(plain[:-1], final[:-1]))  # only the last layer changes
-    assert not torch.allclose(plain[-1], final[-1], atol=1e-2)
-    assert distill.parse_args(["--method", "distilhubert", "--data", "x"]).teacher_final_norm is True
-    assert distill.parse_args(["--method", "armhubert", "--data", "x"]).teacher_final_norm is False
-    assert distill.parse_args(["--method", "armhubert", "--data", "x", "--teacher_final_norm", "true"]).teacher_final_norm
-
-
-def test_recipe_crops_follow_s3prl_and_the_official_code():
-    assert distill.parse_args(["--method", "distilhubert", "--data", "x"]).max_seconds * 16000 == 250_000
-    assert distill.parse_args(["--method", "gendistiller", "--data", "x"]).max_seconds == 15.625
-    assert distill.parse_args(["--method", "armhubert", "--data", "x"]).max_seconds is None
-    assert distill.parse_args(["--method", "colld", "--data", "x", "--max_seconds", "4"]).max_seconds == 4
-
-
-def _mask_share(batches, same_count_rows, rng):
-    masked = valid = 0
-    for frames in batches:
-        frames = np.asarray(frames)
-        m = data.compute_mask_indices(frames, int(frames.max()), 0.8, 10, "uniform", 2, no_overlap=True,
-                                      min_space=1, same_count_rows=same_count_rows, rng=rng)
-        assert not m[torch.arange(int(frames.max()))[None, :] >= torch.as_tensor(frames)[:, None]].any()
-        masked, valid = masked + int(m.sum()), valid + int(frames.sum())
-    return masked / valid
-
-
-def test_mask_share_matches_the_official_batches_within_005():
-    """ARMHuBERT's recipe batch is 221 s per micro-step; the official run had 18 utterances per
-    GPU, length-bucketed, and fairseq equalised the masked count over those 18 rows. On a
-    LibriSpeech-like length distribution our 221 s batches hold up to ~110 short rows; equalised
-    over the whole batch they would realise far less than the official share."""
-    rng = np.random.default_rng(0)
-    seconds = np.clip(rng.gamma(4.0, 12.3 / 4.0, 6000), 1.5, 35.0)  # mean ~12.3 s, like LibriSpeech
-    frames = [data.frame_count(int(s * 16000), [(1, 400, 320)]) for s in seconds]
-    ours = data.LengthBucketSampler([int(s * 16000) for s in seconds], 221 * 16000, seed=0)
-    official = data.LengthBucketSampler([int(s * 16000) for s in seconds], 10 ** 9, seed=0, max_batch_size=18)
-    ours_b = [[frames[i] for i in b] for b in ours.batches][::3]
-    official_b = [[frames[i] for i in b] for b in official.batches][::3]
-    reference = _mask_share(official_b, None, rng)  # fairseq semantics on the official batches
-    grouped = _mask_share(ours_b, 18, rng)
-    whole = _mask_share(ours_b, None, rng)
-    assert 0.55 < reference < 0.75
-    assert abs(grouped - reference) < 0.05, (grouped, reference)
-    assert whole < grouped  # the defect this fixes: one minimum over many rows
-    # every row of a group keeps the same count; groups are rows of neighbouring lengths
-    m = data.compute_mask_indices(np.array([100, 300, 120, 280]), 300, 0.8, 10, "uniform", 2, True, 1,
-                                  same_count_rows=2, rng=rng)
-    c = m.sum(1).tolist()
-    assert c[0] == c[2] and c[1] == c[3] and c[0] < c[1]
-    args = distill.parse_args(["--method", "armhubert", "--data", "x"])
-    assert args.mask_same_rows == 18
-
-
-def test_distill_mask_prob_0_is_a_plain_mse_ablation(tiny_teacher, monkeypatch):
-    base = ["--teacher", "tiny", "--data", "synthetic", "--mask_prob", "0"]
-    with pytest.raises(SystemExit, match="--colld_include_unmasked"):
-        distill.parse_args(["--method", "colld"] + base)
-    with pytest.raises(SystemExit, match="--mask_prob -0.5"):
-        distill.parse_args(["--method", "armhubert", "--teacher", "tiny", "--data", "synthetic", "--mask_prob", "-0.5"])
-    args = distill.parse_args(["--method", "armhubert"] + base + _DT_SMALL)
-    assert any("no masking" in a for a in args.applied)
-    student, _ = distill.build_student_for(args, tiny_teacher)
-    calls = []
-    real = type(tiny_teacher).forward
-    monkeypatch.setattr(type(tiny_teacher), "forward", lambda self, *a, **k: calls.append(k.get("mask")) or real(self, *a, **k))
-    wav, lengths = _dt_batch()
-    loss, parts = distill.distillation_loss(args, tiny_teacher, student, wav, lengths, step=0)
-    assert len(calls) == 1 and calls[0] is None  # one clean teacher pass, no masked one
-    assert float(parts["masked"]) == 0.0 and float(parts["mask_share"]) == 0.0 and float(loss.detach()) > 0
-    args = distill.parse_args(["--method", "armhubert", "--teacher", "tiny", "--data", "synthetic"] + _DT_SMALL)
-    _, parts = distill.distillation_loss(args, tiny_teacher, student, wav, lengths, step=0)
-    assert 0.3 < float(parts["mask_share"]) < 0.9  # logged with the loss parts
-
-
-def test_teacher_final_norm_wavlm_and_old_checkpoints(tmp_path):
-    cfg = dict(_MT_WAVLM_CFG, encoder_layer_norm_first=True)
-    torch.manual_seed(0)
-    ta = torchaudio.models.wavlm_model(**cfg, aux_num_out=None).eval()
-    teacher = model.teacher_from_checkpoint({"config": dict(cfg, aux_num_out=None), "state_dict": ta.state_dict(),
-                                             "mask_emb": torch.zeros(cfg["encoder_embed_dim"])})
-    wav, lengths = _mt_wav([6000], seed=7)
-    with torch.no_grad():
-        final, _ = teacher(wav, lengths, final_norm=True)
-        plain, _ = teacher(wav, lengths)
-        out, _ = ta(wav)
-        feats, _ = ta.extract_features(wav)
-    assert torch.allclose(final[-1], out, atol=1e-4) and torch.allclose(plain[-1], feats[-1], atol=1e-4)
-    # a checkpoint written before the 2026-12 fields rebuilds with the behaviour it was trained with
-    old = model.config_to_dict(PRESETS["armhubert"])
-    for k in ("init", "feature_grad_mult", "layer_grad_scale", "init_conv_from_teacher", "normalize_waveform",
-              "reuse_attention_dropout"):
-        old.pop(k)
-    cfg = model.config_from_dict(old)
-    assert cfg.init == "pytorch" and cfg.reuse_attention_dropout == cfg.attention_dropout and not cfg.layer_grad_scale
-
-
-def test_copied_conv_standardises_audio_like_its_teacher(tiny_teacher):
-    cfg = replace(PRESETS["armhubert"], dim=32, ffn_dim=64, num_heads=4, num_layers=2, init_conv_from_teacher=True)
-    teacher = model.teacher_from_checkpoint({**model.random_teacher_checkpoint("tiny", 0), "normalize_waveform": True})
-    cfg, _ = fit_to_teacher(cfg, teacher)
-    assert cfg.normalize_waveform
-    student = Student(cfg).eval()
-    model.init_conv_from_teacher(student, teacher)
-    wav, lengths = _mt_wav([5000, 3000], seed=8, garbage=False)
-    with torch.no_grad():
-        a, _ = student.cnn_features(3.0 * wav, lengths)
-        b, _ = teacher.cnn_features(3.0 * wav, lengths)
-    assert torch.allclose(a, b, atol=1e-5)
-
-
-@pytest.mark.parametrize("preset", ["distilhubert", "armhubert", "gendistiller"])
-def test_model_checkpoints_with_pre_2026_12_parameter_names_load(preset, tiny_teacher, tmp_path):
-    # before the front end, DistilHuBERT's heads and the generator were modules of their own, their
-    # parameters sat at the top level: conv_layers.*, pred_shared.*, pred_split.*, slot_emb, out_proj.*
-    student = _mt_student(_mt_cfg(preset, tiny_teacher))
-    old_names = {}
-    for k, v in student.state_dict().items():
-        k = k.replace("front_end.", "").replace("generator.", "")
-        old_names[k.replace("heads.shared.", "pred_shared.").replace("heads.split.", "pred_split.")] = v
-    assert any(k.startswith("conv_layers.") for k in old_names)
-    path = tmp_path / "old.pt"
-    torch.save({"config": model.config_to_dict(student.cfg), "student": old_names}, path)
-    loaded = model.load_student(str(path))
-    wav, lengths = _mt_wav([4000, 2600], seed=3)
-    with torch.no_grad():
-        for a, b in zip(student.hidden_states(wav, lengths)[0], loaded.hidden_states(wav, lengths)[0]):
-            assert torch.equal(a, b)
-
-
-def test_distill_resume_reorders_adam_state_of_old_gendistiller_checkpoints(tiny_teacher):
-    # a GenDistiller checkpoint from before 2026-12 listed `slot_emb` first (it sat on the top-level
-    # module); its AdamW moments must follow each parameter by name into today's order
-    student = _mt_student(_mt_cfg("gendistiller", tiny_teacher))
-    opt = torch.optim.AdamW(distill.param_groups(student, 0.01), lr=1e-3)
-    wav, lengths = _mt_wav([4000, 2600], seed=5)
-    sum(p.pow(2).sum() for p in student(wav, lengths)[0]).backward()
-    opt.step()
-    today = opt.state_dict()
-    names = [n for n, _ in student.named_parameters()]
-    old_names = ["generator.slot_emb"] + [n for n in names if n != "generator.slot_emb"]
-    params = dict(student.named_parameters())
-    new_order, old_order = distill.optimizer_order(names, params), distill.optimizer_order(old_names, params)
-    assert new_order != old_order
-    old_state = {old_order.index(n): today["state"][i] for i, n in enumerate(new_order)}
-    fixed = distill.optimizer_state_for({**today, "state": old_state}, old_names, student)
-    for i in today["state"]:
-        for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(fixed["state"][i][k], today["state"][i][k])
-    assert distill.optimizer_state_for(today, names, student) is today  # today's order: untouched
