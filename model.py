@@ -901,6 +901,88 @@ def teacher_from_checkpoint(ckpt, name="teacher"):
     return Teacher(model, config, ckpt.get("mask_emb"), ckpt.get("normalize_waveform", False), name)
 
 
+def load_teacher(name_or_path, device="cpu"):
+    """A frozen Teacher from a bundle name, a checkpoint file or `tiny` (see module docstring)."""
+    import os
+
+    import torchaudio
+
+    if name_or_path == "tiny":
+        ckpt = random_teacher_checkpoint("tiny", seed=0)
+    elif name_or_path.lower() in BUNDLES:
+        config, normalize = bundle_config(name_or_path)
+        bundle = getattr(torchaudio.pipelines, BUNDLES[name_or_path.lower()])
+        # the weights download from torchaudio's server on first use (cached by torch.hub)
+        ckpt = {"config": config, "state_dict": bundle._get_state_dict(None), "normalize_waveform": normalize}
+    elif os.path.isfile(name_or_path):
+        try:
+            raw = torch.load(name_or_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors come in many types; re-raise with the file name
+            raise ValueError(f"--teacher {name_or_path}: cannot read as a torch checkpoint ({e})") from e
+        if isinstance(raw, dict) and "config" in raw and "state_dict" in raw:  # torchaudio format
+            ckpt = raw
+        elif isinstance(raw, dict) and "model_weight" in raw and "model_cfg" in raw:  # s3prl-converted
+            ckpt = fairseq_to_torchaudio(raw["model_weight"], raw["model_cfg"], raw.get("task_cfg"))
+        elif isinstance(raw, dict) and "model" in raw and "cfg" in raw:  # fairseq / WavLM original
+            cfg = raw["cfg"].get("model", raw["cfg"])
+            ckpt = fairseq_to_torchaudio(raw["model"], cfg, raw["cfg"].get("task"))
+        else:
+            keys = list(raw)[:10] if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"--teacher {name_or_path}: unknown checkpoint format (top-level keys {keys}); "
+                             "expected {'config','state_dict'} (torchaudio), {'model_cfg','model_weight'} "
+                             "(s3prl-converted) or {'cfg','model'} (fairseq)")
+    else:
+        raise ValueError(f"--teacher {name_or_path!r}: not a file, not 'tiny' and not a bundle name "
+                         f"(bundles: {', '.join(BUNDLES)})")
+    return teacher_from_checkpoint(ckpt, name=name_or_path).to(device)
+
+
+def bundle_config(name):
+    """(torchaudio model kwargs, normalize_waveform) of a bundle in BUNDLES; nothing is downloaded."""
+    import torchaudio
+
+    bundle = getattr(torchaudio.pipelines, BUNDLES[name.lower()])
+    config = dict(bundle._params)
+    if bundle._model_type == "WavLM":  # the kwargs of wavlm_model: marked by encoder_num_buckets
+        config.setdefault("encoder_num_buckets", 320)
+    return config, bundle._normalize_waveform
+
+
+def bundle_description(name):
+    """What fit_to_teacher reads of a teacher (config, dim, num_layers, normalize_waveform), for a
+    bundle, without building it."""
+    config, normalize = bundle_config(name)
+    return types.SimpleNamespace(config=config, dim=config["encoder_embed_dim"], num_layers=config["encoder_num_layers"],
+                                 normalize_waveform=normalize)
+
+
+def random_teacher_checkpoint(name="tiny", seed=0):
+    """A seeded random teacher as a torchaudio-format dict (mask_emb included): `tiny`, or the
+    geometry of a bundle in BUNDLES (nothing is downloaded; timing and floors need no trained weights)."""
+    import torchaudio
+
+    if name == "tiny":
+        config = TINY_TEACHER_CONFIG
+    elif name.lower() in BUNDLES:
+        config, _ = bundle_config(name)
+    else:
+        raise ValueError(f"random:{name}: not a teacher bundle name ({', '.join(BUNDLES)}) nor 'tiny'")
+    build = torchaudio.models.wavlm_model if "encoder_num_buckets" in config else torchaudio.models.wav2vec2_model
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build(**config)
+        mask_emb = torch.rand(config["encoder_embed_dim"])  # fairseq inits mask_emb uniform
+    return {"config": config, "state_dict": model.state_dict(), "mask_emb": mask_emb}
+
+
+def random_teacher(name="tiny", seed=0):
+    """A Teacher with random weights (see random_teacher_checkpoint), named `random:NAME`."""
+    return teacher_from_checkpoint(random_teacher_checkpoint(name, seed), name=f"random:{name}")
+
+
+# fairseq / s3prl checkpoints: key names and config mapped to torchaudio's, in plain code (no fairseq)
+
+
 def parse_conv_layers(spec):
     """fairseq's conv_feature_layers, e.g. "[(512,10,5)] + [(512,3,2)] * 4", parsed without eval().
 
@@ -1000,85 +1082,6 @@ def fairseq_to_torchaudio(weights, cfg, task_cfg=None):
     normalize = bool(task_cfg.get("normalize", cfg.get("normalize", False)))
     return {"config": config, "state_dict": state, "mask_emb": weights.get("mask_emb"),
             "normalize_waveform": normalize}
-
-
-def bundle_config(name):
-    """(torchaudio model kwargs, normalize_waveform) of a bundle in BUNDLES; nothing is downloaded."""
-    import torchaudio
-
-    bundle = getattr(torchaudio.pipelines, BUNDLES[name.lower()])
-    config = dict(bundle._params)
-    if bundle._model_type == "WavLM":  # the kwargs of wavlm_model: marked by encoder_num_buckets
-        config.setdefault("encoder_num_buckets", 320)
-    return config, bundle._normalize_waveform
-
-
-def bundle_description(name):
-    """What fit_to_teacher reads of a teacher (config, dim, num_layers, normalize_waveform), for a
-    bundle, without building it."""
-    config, normalize = bundle_config(name)
-    return types.SimpleNamespace(config=config, dim=config["encoder_embed_dim"], num_layers=config["encoder_num_layers"],
-                                 normalize_waveform=normalize)
-
-
-def random_teacher_checkpoint(name="tiny", seed=0):
-    """A seeded random teacher as a torchaudio-format dict (mask_emb included): `tiny`, or the
-    geometry of a bundle in BUNDLES (nothing is downloaded; timing and floors need no trained weights)."""
-    import torchaudio
-
-    if name == "tiny":
-        config = TINY_TEACHER_CONFIG
-    elif name.lower() in BUNDLES:
-        config, _ = bundle_config(name)
-    else:
-        raise ValueError(f"random:{name}: not a teacher bundle name ({', '.join(BUNDLES)}) nor 'tiny'")
-    build = torchaudio.models.wavlm_model if "encoder_num_buckets" in config else torchaudio.models.wav2vec2_model
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = build(**config)
-        mask_emb = torch.rand(config["encoder_embed_dim"])  # fairseq inits mask_emb uniform
-    return {"config": config, "state_dict": model.state_dict(), "mask_emb": mask_emb}
-
-
-def random_teacher(name="tiny", seed=0):
-    """A Teacher with random weights (see random_teacher_checkpoint), named `random:NAME`."""
-    return teacher_from_checkpoint(random_teacher_checkpoint(name, seed), name=f"random:{name}")
-
-
-def load_teacher(name_or_path, device="cpu"):
-    """A frozen Teacher from a bundle name, a checkpoint file or `tiny` (see module docstring)."""
-    import os
-
-    import torchaudio
-
-    if name_or_path == "tiny":
-        ckpt = random_teacher_checkpoint("tiny", seed=0)
-    elif name_or_path.lower() in BUNDLES:
-        config, normalize = bundle_config(name_or_path)
-        bundle = getattr(torchaudio.pipelines, BUNDLES[name_or_path.lower()])
-        # the weights download from torchaudio's server on first use (cached by torch.hub)
-        ckpt = {"config": config, "state_dict": bundle._get_state_dict(None), "normalize_waveform": normalize}
-    elif os.path.isfile(name_or_path):
-        try:
-            raw = torch.load(name_or_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors come in many types; re-raise with the file name
-            raise ValueError(f"--teacher {name_or_path}: cannot read as a torch checkpoint ({e})") from e
-        if isinstance(raw, dict) and "config" in raw and "state_dict" in raw:  # torchaudio format
-            ckpt = raw
-        elif isinstance(raw, dict) and "model_weight" in raw and "model_cfg" in raw:  # s3prl-converted
-            ckpt = fairseq_to_torchaudio(raw["model_weight"], raw["model_cfg"], raw.get("task_cfg"))
-        elif isinstance(raw, dict) and "model" in raw and "cfg" in raw:  # fairseq / WavLM original
-            cfg = raw["cfg"].get("model", raw["cfg"])
-            ckpt = fairseq_to_torchaudio(raw["model"], cfg, raw["cfg"].get("task"))
-        else:
-            keys = list(raw)[:10] if isinstance(raw, dict) else type(raw).__name__
-            raise ValueError(f"--teacher {name_or_path}: unknown checkpoint format (top-level keys {keys}); "
-                             "expected {'config','state_dict'} (torchaudio), {'model_cfg','model_weight'} "
-                             "(s3prl-converted) or {'cfg','model'} (fairseq)")
-    else:
-        raise ValueError(f"--teacher {name_or_path!r}: not a file, not 'tiny' and not a bundle name "
-                         f"(bundles: {', '.join(BUNDLES)})")
-    return teacher_from_checkpoint(ckpt, name=name_or_path).to(device)
 
 
 # ----------------------------------------------------------------------------
