@@ -277,22 +277,6 @@ def unwrap(student):
     return student.module if hasattr(student, "module") else student
 
 
-def select_targets(layers, target_layers, target_norm="none"):
-    """The distillation targets: teacher layer k = layers[k - 1] for k in target_layers.
-
-    target_norm "layer_norm" (--target_norm): each target frame normalised over the teacher
-    dimension without parameters, y = (t - mean_d t) / sqrt(var_d t + 1e-5) (as data2vec's targets).
-    A post-LN teacher (HuBERT Base) already ends every block in a LayerNorm, so this mainly matters
-    for pre-LN teachers (Large models, the kit teacher), whose residual stream grows with depth.
-    """
-    targets = [layers[k - 1] for k in target_layers]
-    if target_norm == "layer_norm":
-        targets = [torch.nn.functional.layer_norm(t, t.shape[-1:]) for t in targets]
-    elif target_norm != "none":
-        raise ValueError(f"target_norm={target_norm!r}: expected 'none' or 'layer_norm'")
-    return targets
-
-
 def draw_mask(args, frame_lengths, max_frames, seeds):
     """The micro-batch's span mask (B, T), seeded by `seeds` = [seed, step, micro-step, rank]: a
     resumed run redraws it exactly, and the micro-batches of one update get different masks."""
@@ -307,7 +291,7 @@ def draw_mask(args, frame_lengths, max_frames, seeds):
 def step_distilhubert(args, teacher, student, wav, lengths, seeds):
     """DistilHuBERT (SPEC 1): clean teacher layers 4, 8, 12; L1 + cosine on the heads' predictions."""
     layers, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
-    targets = select_targets(layers, unwrap(student).cfg.target_layers, args.target_norm)
+    targets = losses.teacher_targets(layers, unwrap(student).cfg.target_layers, args.target_norm)
     preds, _ = student(wav, lengths)
     return losses.distilhubert_loss(preds, targets, frame_lengths, args.cos_weight)
 
@@ -316,7 +300,7 @@ def step_gendistiller(args, teacher, student, wav, lengths, seeds):
     """GenDistiller (SPEC 4): teacher forcing feeds the true layers l_1..l_{K-1} as history
     (--gen_feed teacher); --gen_feed self runs the generator free; DistilHuBERT's loss on each output."""
     layers, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
-    targets = select_targets(layers, unwrap(student).cfg.target_layers, args.target_norm)
+    targets = losses.teacher_targets(layers, unwrap(student).cfg.target_layers, args.target_norm)
     history = targets[:-1] if args.gen_feed == "teacher" else None
     preds, _ = student(wav, lengths, history=history)
     return losses.gendistiller_loss(preds, targets, frame_lengths, args.cos_weight)
@@ -332,11 +316,11 @@ def step_armhubert(args, teacher, student, wav, lengths, seeds):
     clean, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
     # with no frame masked (the --mask_prob 0 ablation) both passes would be the same
     masked = teacher(wav, lengths, mask=mask, final_norm=args.teacher_final_norm)[0] if mask.any() else clean
+    clean = losses.teacher_targets(clean, target_layers, args.target_norm)
+    masked = losses.teacher_targets(masked, target_layers, args.target_norm)
     preds, _ = student(wav, lengths, mask=mask)
     weights = [args.layer_weight] * (len(preds) - 1) + [args.last_layer_weight]
-    loss, parts = losses.masking_distillation_loss(preds, select_targets(clean, target_layers, args.target_norm),
-                                                   select_targets(masked, target_layers, args.target_norm),
-                                                   mask, frame_lengths, weights)
+    loss, parts = losses.masking_distillation_loss(preds, clean, masked, mask, frame_lengths, weights)
     # logged with the loss parts (not part of the loss): the share of valid frames the student saw masked
     return loss, {**parts, "mask_share": mask.sum() / frames.sum().clamp(min=1)}
 
@@ -348,11 +332,11 @@ def step_colld(args, teacher, student, wav, lengths, seeds):
     frames = data.frame_count(lengths, teacher.conv_layers)  # (B,) valid frames
     mask = draw_mask(args, frames, int(frames.max()), seeds)  # (B, T) bool
     clean, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
+    targets = losses.teacher_targets(clean, target_layers, args.target_norm)
     preds, _ = student(wav, lengths, mask=mask)
     seed = int(np.random.default_rng(seeds).integers(2 ** 62))  # the negatives' own stream
     gen = torch.Generator(device=wav.device).manual_seed(seed)  # drawn where the loss runs (GPU: no copy)
-    loss, parts = losses.colld_loss(preds, select_targets(clean, target_layers, args.target_norm), mask,
-                                    frame_lengths, args.colld_negatives, args.colld_temperature,
+    loss, parts = losses.colld_loss(preds, targets, mask, frame_lengths, args.colld_negatives, args.colld_temperature,
                                     args.colld_include_unmasked, args.colld_l1_weight, generator=gen)
     return loss, {**parts, "mask_share": mask.sum() / frames.sum().clamp(min=1)}
 

@@ -1,7 +1,8 @@
 """
 Distillation losses for the four methods of SPEC.md, batch-first (B, T, D), padding-aware.
 
-Papers and what implements them:
+Papers and what implements them (every loss compares with `teacher_targets`: the teacher
+layers phi(l) the student's outputs target, optionally layer-normalised per frame):
 - DistilHuBERT (arXiv 2110.01900, Sec. 2, Eq. 1; SPEC section 1): `distilhubert_loss`
     L = 1/|L| sum_l [ L1(p_l, t_l) + lambda * mean_t -log sigmoid(cos(p_l[t], t_l[t])) ]
 - ARMHuBERT masking distillation (arXiv 2305.11685, Sec. 3.2; official code
@@ -54,6 +55,26 @@ def _masked_mean(x, mask):
     mask = mask.to(x.dtype)
     # note: clamp keeps an all-padding batch at 0 instead of NaN.
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# -----------------------------------------------------------------------------
+# The targets every loss below compares with
+
+
+def teacher_targets(layers, target_layers, target_norm="none"):
+    """The distillation targets t_l: teacher layer k = layers[k - 1] for k in target_layers.
+
+    target_norm "layer_norm" (--target_norm): each target frame normalised over the teacher
+    dimension without parameters, y = (t - mean_d t) / sqrt(var_d t + 1e-5) (as data2vec's targets).
+    A post-LN teacher (HuBERT Base) already ends every block in a LayerNorm, so this mainly matters
+    for pre-LN teachers (Large models, the kit teacher), whose residual stream grows with depth.
+    """
+    targets = [layers[k - 1] for k in target_layers]
+    if target_norm == "layer_norm":
+        targets = [F.layer_norm(t, t.shape[-1:]) for t in targets]
+    elif target_norm != "none":
+        raise ValueError(f"target_norm={target_norm!r}: expected 'none' or 'layer_norm'")
+    return targets
 
 
 # -----------------------------------------------------------------------------

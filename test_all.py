@@ -1305,6 +1305,20 @@ def _pad(x, extra, value=7.0):
     return torch.cat([x, torch.full(shape, value, dtype=x.dtype)], dim=1)
 
 
+# ----------------------------------------------------------------------------- targets
+
+def test_teacher_targets_layer_norm_per_frame():
+    layers = [torch.randn(2, 5, 6) * (k + 1) + k for k in range(4)]
+    plain = losses.teacher_targets(layers, (2, 4))
+    assert plain[0] is layers[1] and plain[1] is layers[3]
+    normed = losses.teacher_targets(layers, (2, 4), "layer_norm")
+    for t, y in zip((layers[1], layers[3]), normed):
+        ref = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        assert torch.allclose(y, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="target_norm"):
+        losses.teacher_targets(layers, (1,), "batch_norm")
+
+
 # ----------------------------------------------------------------------------- DistilHuBERT
 
 def test_distilhubert_hand_value():
@@ -2049,18 +2063,6 @@ def test_distill_undecodable_file_is_named_and_left_out(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "u1.flac" in printed and "1 undecodable file(s) left out" in printed
     assert os.path.exists(os.path.join(out, "ckpt-00000003.pt"))
-
-
-def test_select_targets_layer_norm_per_frame():
-    layers = [torch.randn(2, 5, 6) * (k + 1) + k for k in range(4)]
-    plain = distill.select_targets(layers, (2, 4))
-    assert plain[0] is layers[1] and plain[1] is layers[3]
-    normed = distill.select_targets(layers, (2, 4), "layer_norm")
-    for t, y in zip((layers[1], layers[3]), normed):
-        ref = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
-        assert torch.allclose(y, ref, atol=1e-5)
-    with pytest.raises(ValueError, match="target_norm"):
-        distill.select_targets(layers, (1,), "batch_norm")
 
 
 def test_recipe_crops_follow_s3prl_and_the_official_code():
