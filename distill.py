@@ -313,9 +313,10 @@ def step_armhubert(args, teacher, student, wav, lengths, seeds):
     target_layers = unwrap(student).cfg.target_layers
     frames = data.frame_count(lengths, teacher.conv_layers)  # (B,) valid frames
     mask = draw_mask(args, frames, int(frames.max()), seeds)  # (B, T) bool
-    clean, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
+    features, frame_lengths = teacher.features(wav, lengths)  # computed once: the mask does not touch it
+    clean, _ = teacher.encode(features, frame_lengths, final_norm=args.teacher_final_norm)
     # with no frame masked (the --mask_prob 0 ablation) both passes would be the same
-    masked = teacher(wav, lengths, mask=mask, final_norm=args.teacher_final_norm)[0] if mask.any() else clean
+    masked = teacher.encode(features, frame_lengths, mask, args.teacher_final_norm)[0] if mask.any() else clean
     clean = losses.teacher_targets(clean, target_layers, args.target_norm)
     masked = losses.teacher_targets(masked, target_layers, args.target_norm)
     preds, _ = student(wav, lengths, mask=mask)
@@ -559,6 +560,17 @@ def param_groups(student, weight_decay):
             {"params": [params[n] for n in rest], "weight_decay": 0.0}]
 
 
+def fast_optimizer_flags(device):
+    """AdamW's fused kernel where torch has one (CPU, CUDA): the same update as the per-parameter
+    loop (tested within fp tolerance), 3x faster on a 26M-parameter student on CPU (README)."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
+def make_optimizer(student, args, device):
+    return torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr, betas=args.betas, eps=args.eps,
+                             **fast_optimizer_flags(device))
+
+
 def autocast_dtype(args, device):
     if args.precision == "fp32" or (args.precision == "auto" and device.type != "cuda"):
         return None
@@ -631,7 +643,7 @@ def setup(args):
     say(f"data: {len(dataset)} utterances, {len(sampler)} batches of <= {args.batch_seconds:g} s per rank per "
         f"epoch; {world} process(es) x accum {args.accum}")
 
-    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay), lr=args.lr, betas=args.betas, eps=args.eps)
+    optimizer = make_optimizer(raw, args, device)
     amp = autocast_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     run = Run(args, rank, world, device, teacher, student, raw, sampler, loader, val_loader, optimizer, scaler, amp)
@@ -654,6 +666,8 @@ def resume(run):
     saved = model.upgrade_state_dict(ckpt["student"], run.raw.cfg)
     run.raw.load_state_dict(saved)
     run.optimizer.load_state_dict(optimizer_state_for(ckpt["optimizer"], list(saved), run.raw))
+    for group in run.optimizer.param_groups:  # a checkpoint's own flags (older ones: the slow loop) give way
+        group.update(fast_optimizer_flags(run.device))
     run.scaler.load_state_dict(ckpt["scaler"])
     run.step, run.epoch, run.position = ckpt["step"], ckpt["epoch"], ckpt["position"][run.rank]
     set_rng_state(ckpt["rng"][run.rank])
@@ -691,7 +705,7 @@ def optimizer_step(run, stream, lr):
         step_loss += loss.item() / args.accum
         audio_s += float(lengths.sum()) / data.SAMPLE_RATE * run.world
     run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), args.clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), args.clip, foreach=True)
     # note: with fp16 an inf gradient is the scaler's business (it skips the step and lowers its
     # scale); a non-finite loss, or a non-finite gradient in bf16/fp32, is a real divergence
     bad = not math.isfinite(step_loss) or (not math.isfinite(float(grad_norm)) and amp != torch.float16)

@@ -41,6 +41,7 @@ import os
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -712,40 +713,94 @@ def torchaudio_maskhubert(seed=0):
         )
 
 
-def peak_memory_mb(device):
-    """CUDA: max_memory_allocated since the last reset (this row only).
+def speed_rows(args, device, teacher, wav, lengths, only=None):
+    """[(name, fn, parameters)] for every row of the table (or only the row named `only`): the
+    teacher's forward, each preset's deployed forward, torchaudio's model at the maskhubert size,
+    and one distillation step per method, each on the same batch."""
+    import distill  # only the speed table needs the training code (its distillation steps)
 
-    CPU: the process's peak resident set size (getrusage ru_maxrss). It is a high-water mark for
-    the whole process, never reset, so a row only shows more than the rows before it when it
-    needed more; tracemalloc would not see tensor memory at all.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    amp = distill.autocast_dtype(args, device)
+    # the student side runs under autocast like distill.py (--precision auto: bf16 on GPUs that
+    # support it, fp32 on CPU); the teacher always computes in fp32 (model.Teacher disables autocast)
+    autocast = lambda: torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
+    rows, want = [], lambda name: only is None or name == only  # noqa: E731
+
+    def forward(net, *call):  # inference: no grad, eval mode
+        def fn():
+            with torch.no_grad(), autocast():
+                net(*call)
+        return fn
+
+    name = f"teacher {args.teacher} forward"
+    if want(name):
+        rows.append((name, forward(teacher, wav, lengths), sum(p.numel() for p in teacher.parameters())))
+    for preset in args.presets:
+        name = f"student {preset} forward"
+        if want(name):
+            student, _ = model.build_student(preset, teacher, copy_weights=False)  # preset fitted to the teacher
+            student = student.to(device).eval()
+            # note: hidden_states is the deployed path (what the probe reads): distilhubert without its
+            # prediction heads, gendistiller free-running
+            rows.append((name, forward(student.hidden_states, wav, lengths),
+                         model.count_parameters(student, with_heads=preset != "distilhubert")))
+    name = "torchaudio wav2vec2_model @ maskhubert size"
+    if want(name):
+        ta = torchaudio_maskhubert(args.seed).to(device).eval()
+        rows.append((name, forward(ta.extract_features, wav, lengths), sum(p.numel() for p in ta.parameters())))
+    for method in ([] if args.skip_distill else args.methods):
+        name = f"distill step {method}"
+        if not want(name):
+            continue
+        # "--data synthetic" only satisfies the required flag; the batch here is our own
+        d_args = distill.parse_args(["--method", method, "--data", "synthetic", "--seed", str(args.seed)])
+        student, _ = distill.build_student_for(d_args, teacher)
+        student = student.to(device).train()
+        opt = distill.make_optimizer(student, d_args, device)  # the method's recipe AdamW, as distill.py
+        step = [0]
+
+        def one_step(student=student, opt=opt, d_args=d_args, step=step):
+            # distill.optimizer_step's work for one micro-batch: teacher, student, loss, backward, clip,
+            # AdamW (note: no fp16 gradient scaler here; it changes no timing that matters)
+            with autocast():
+                loss, _ = distill.distillation_loss(d_args, teacher, student, wav, lengths, step[0])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), d_args.clip, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step[0] += 1
+
+        rows.append((name, one_step, sum(p.numel() for p in student.parameters())))
+    return rows
+
+
+def peak_rss_mb():
+    """This process's peak resident set size so far (getrusage ru_maxrss), MB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
-def time_it(fn, device, repeats, warmup=1):
-    """Median wall time of fn() in ms over `repeats` runs after `warmup` runs, and peak memory (MB)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):  # first runs pay for allocation, cuDNN autotuning, lazy init
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # kernels are asynchronous: wait before reading the clock
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times), peak_memory_mb(device)
+def row_peak_memory_mb(args, name):
+    """Peak memory of one row, measured alone. CUDA: max_memory_allocated over a warm-up and a run
+    of that row, in this process. CPU: ru_maxrss is a process-wide high-water mark that never
+    resets, so the row runs in a fresh process (`eval.py speed --row NAME`) holding the teacher and
+    that row's model only; its peak RSS is reported."""
+    if args.device.startswith("cuda"):
+        return None  # measured in place by run_speed
+    argv = [sys.executable, os.path.abspath(__file__), "speed", "--row", name, "--teacher", args.teacher,
+            "--seconds", str(args.seconds), "--batch", str(args.batch), "--seed", str(args.seed),
+            "--device", args.device, "--precision", args.precision, "--threads", str(args.threads)]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    found = [line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("peak rss mb ")]
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"speed: measuring the memory of {name!r} failed:\n{proc.stderr[-2000:]}")
+    return float(found[-1])
 
 
 def run_speed(args):
-    """Time every model on one batch of synthetic audio; print a markdown table. Returns the rows."""
+    """Time every row on one batch of synthetic audio, round-robin: each round runs every row once,
+    so slow and fast periods of the machine fall on all rows alike, and a row's `x teacher` is the
+    median over rounds of its time divided by the teacher's time in the same round. Prints a
+    markdown table; returns the rows."""
     device = check_device(args.device)
     torch.manual_seed(args.seed)
     S = int(args.seconds * data.SAMPLE_RATE)
@@ -754,91 +809,77 @@ def run_speed(args):
     # synthetic noise: timing depends on the shape, not the content
     wav = 0.1 * torch.randn(args.batch, S, device=device)  # (B, S)
     lengths = torch.full((args.batch,), S, dtype=torch.long, device=device)  # (B,)
-    audio_seconds = args.batch * args.seconds
     teacher, cnn_only = build_upstream(args.teacher, device, args.seed, flag="--teacher")
     if cnn_only or not isinstance(teacher, model.Teacher):
         raise ValueError(f"--teacher {args.teacher}: expected a teacher (tiny, a bundle name, a teacher file or "
                          f"random:NAME), got a {type(teacher).__name__}")
-    import distill  # only the speed table needs the training code (its distillation steps)
-
-    rows, skipped = [], []
-
-    def add(name, fn, params):
-        ms, mem = time_it(fn, device, args.repeats, args.warmup)
-        rows.append({"model": name, "params_m": params / 1e6, "ms": ms, "audio_s_per_s": audio_seconds / (ms / 1000),
-                     "peak_mem_mb": mem})
-        print(f"  {name}: {ms:.1f} ms", flush=True)
-
-    # the student side runs under autocast like distill.py (--precision auto: bf16 on GPUs that
-    # support it, fp32 on CPU); the teacher always computes in fp32 (model.Teacher disables autocast)
-    amp = distill.autocast_dtype(args, device)
-    autocast = lambda: torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
-    print(f"speed: batch {args.batch} x {args.seconds} s of noise on {device}, student precision "
-          f"{amp or torch.float32}, median of {args.repeats} after {args.warmup} warm-up")
-    # --- forward passes (inference: no grad, eval mode)
-    with torch.no_grad(), autocast():
-        add(f"teacher {args.teacher} forward", lambda: teacher(wav, lengths), sum(p.numel() for p in teacher.parameters()))
-        for preset in args.presets:
-            student, _ = model.build_student(preset, teacher, copy_weights=False)  # preset fitted to the teacher
-            student = student.to(device).eval()
-            # note: hidden_states is the deployed path (what the probe reads): distilhubert without its
-            # prediction heads, gendistiller free-running
-            add(f"student {preset} forward", lambda: student.hidden_states(wav, lengths),
-                model.count_parameters(student, with_heads=preset != "distilhubert"))
-            del student
-        ta = torchaudio_maskhubert(args.seed).to(device).eval()
-        add("torchaudio wav2vec2_model @ maskhubert size", lambda: ta.extract_features(wav, lengths),
-            sum(p.numel() for p in ta.parameters()))
-        del ta
-    # --- one distillation step per method (teacher forward + student forward + loss + backward + AdamW)
-    if args.skip_distill:
-        skipped.append("distillation steps: --skip_distill")
-    else:
-        for method in args.methods:
-            # "--data synthetic" only satisfies the required flag; the batch here is our own
-            d_args = distill.parse_args(["--method", method, "--data", "synthetic", "--seed", str(args.seed)])
-            student, _ = distill.build_student_for(d_args, teacher)
-            student = student.to(device).train()
-            # the method's own recipe optimizer settings (AdamW); weight decay on every weight here,
-            # which costs the same time as distill.py's split into decayed / not-decayed groups
-            opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=d_args.lr,
-                                    betas=d_args.betas, eps=d_args.eps, weight_decay=d_args.weight_decay)
-            step = [0]
-
-            def one_step():
-                with autocast():  # note: no fp16 gradient scaler here; it changes no timing that matters
-                    loss, _ = distill.distillation_loss(d_args, teacher, student, wav, lengths, step[0])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step[0] += 1
-
-            add(f"distill step {method}", one_step, sum(p.numel() for p in student.parameters()))
-            del student, opt
-    teacher_ms = rows[0]["ms"]
-    for r in rows:
-        r["x_teacher"] = r["ms"] / teacher_ms
-    print(markdown_table(rows, device, args))
-    for s in skipped:
-        print(f"skipped: {s}")
+    rows = speed_rows(args, device, teacher, wav, lengths, only=args.row)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
+    if args.row:  # a child of row_peak_memory_mb: this row alone, then its peak
+        (name, fn, _), = rows
+        for _ in range(max(args.warmup, 1) + 1):
+            fn()
+        print(f"peak rss mb {peak_rss_mb():.1f}")
+        return rows
+    print(f"speed: batch {args.batch} x {args.seconds} s of noise on {device}, {len(rows)} rows round-robin, "
+          f"{args.warmup} warm-up + {args.repeats} timed rounds", flush=True)
+    peaks = {}
+    for name, fn, _ in rows:  # warm-up: allocation, autotuning, lazy init
+        if device.type == "cuda":
+            sync()
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(args.warmup):
+            fn()
+        sync()
+        if device.type == "cuda":
+            peaks[name] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    wall = {name: [] for name, _, _ in rows}
+    cpu = {name: [] for name, _, _ in rows}
+    for r in range(args.repeats):
+        for name, fn, _ in rows:
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            sync()  # kernels are asynchronous: wait before reading the clock
+            wall[name].append(1000 * (time.perf_counter() - t0))
+            cpu[name].append(1000 * (time.process_time() - c0))
+        print(f"  round {r + 1}/{args.repeats}: " + ", ".join(f"{w[-1]:.0f}" for w in wall.values()) + " ms", flush=True)
+    teacher_name = rows[0][0]
+    audio_seconds = args.batch * args.seconds
+    table = []
+    for name, _, params in rows:
+        ms = statistics.median(wall[name])
+        table.append({"model": name, "params_m": params / 1e6, "ms": ms, "ms_min": min(wall[name]),
+                      "ms_max": max(wall[name]), "cpu_ms": statistics.median(cpu[name]),
+                      "audio_s_per_s": audio_seconds / (ms / 1000),
+                      "x_teacher": statistics.median(w / t for w, t in zip(wall[name], wall[teacher_name])),
+                      "peak_mem_mb": peaks.get(name)})
+    if device.type != "cuda" and not args.no_memory:
+        for r in table:
+            print(f"  peak memory of {r['model']} ...", flush=True)
+            r["peak_mem_mb"] = row_peak_memory_mb(args, r["model"])
+    print(markdown_table(table, device, args))
     if args.out:
         write_json(args.out, {"device": str(device), "batch": args.batch, "seconds": args.seconds,
-                              "repeats": args.repeats, "teacher": args.teacher, "rows": rows, "skipped": skipped})
-    return rows
+                              "repeats": args.repeats, "teacher": args.teacher, "threads": torch.get_num_threads(),
+                              "rows": table, "wall_ms": wall, "cpu_ms": cpu})
+    return table
 
 
 def markdown_table(rows, device, args):
-    mem = "peak CUDA mem (MB)" if device.type == "cuda" else "process peak RSS (MB)"
-    lines = [f"| model | params (M) | ms | audio s / s | {mem} | x teacher fwd |",
-             "|---|---:|---:|---:|---:|---:|"]
+    mem = "peak CUDA mem (MB)" if device.type == "cuda" else "peak RSS alone (MB)"
+    lines = [f"| model | params (M) | ms (median) | ms min–max | CPU ms | audio s / s | {mem} | x teacher fwd |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params_m']:.2f} | {r['ms']:.1f} | {r['audio_s_per_s']:.1f} | "
-                     f"{r['peak_mem_mb']:.0f} | {r['x_teacher']:.2f} |")
-    note = ("" if device.type == "cuda" else
-            "\nCPU memory is the whole process's peak RSS so far (getrusage), not per row.")
-    return (f"\nBatch {args.batch} x {args.seconds} s, {device}, median of {args.repeats}; "
-            f"teacher {args.teacher} (random weights unless loaded: timing does not need trained ones).\n"
-            + "\n".join(lines) + note)
+        peak = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['params_m']:.2f} | {r['ms']:.1f} | {r['ms_min']:.0f}–{r['ms_max']:.0f} | "
+                     f"{r['cpu_ms']:.0f} | {r['audio_s_per_s']:.1f} | {peak} | {r['x_teacher']:.2f} |")
+    note = ("\nx teacher fwd: median over rounds of (row time / teacher time in the same round). "
+            + ("" if device.type == "cuda" else "CPU ms: process CPU time (all threads). Peak RSS: the row run "
+               "alone in a fresh process holding the teacher and that row's model."))
+    return (f"\nBatch {args.batch} x {args.seconds} s, {device}, {torch.get_num_threads()} threads, median of "
+            f"{args.repeats} round-robin rounds; teacher {args.teacher} (random weights unless loaded: timing "
+            f"does not need trained ones).\n" + "\n".join(lines) + note)
 
 
 def add_speed_command(sub):
@@ -851,8 +892,9 @@ def add_speed_command(sub):
                     help="student presets to time (each fitted to the teacher)")
     sp.add_argument("--seconds", type=float, default=4.0, help="seconds of audio per utterance")
     sp.add_argument("--batch", type=int, default=8, help="utterances per batch")
-    sp.add_argument("--repeats", type=int, default=5, help="timed runs per row; the median is reported")
-    sp.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    sp.add_argument("--repeats", type=int, default=5,
+                    help="timed rounds; each round runs every row once (round-robin), the median is reported")
+    sp.add_argument("--warmup", type=int, default=1, help="untimed runs of each row before the timed rounds")
     sp.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                     help="distill.py methods to time one training step of (student = the method's default preset)")
     sp.add_argument("--skip_distill", action="store_true", help="do not time distillation steps (reported as skipped)")
@@ -863,6 +905,9 @@ def add_speed_command(sub):
     sp.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     sp.add_argument("--out", default=None, help="also write the rows as JSON here")
+    sp.add_argument("--no_memory", action="store_true",
+                    help="CPU: skip the per-row peak memory (each row is re-run alone in a fresh process)")
+    sp.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one row alone, for its memory
 
 
 def check_speed_args(p, args):
