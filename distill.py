@@ -4,7 +4,7 @@ One file, read top to bottom (method reference: ../shared/SPEC.md):
   1. the papers' recipes (optimizer, schedule, batch, masking) per --method        SPEC 1-4
   2. the command line: recipe defaults, grouped flags, --key=value student overrides
   3. one step per method (step_distilhubert, step_armhubert, step_colld, step_gendistiller):
-     its teacher passes, its mask, its loss (losses.py), chosen from the STEPS table
+     its teacher passes, its mask, its loss (losses.py), chosen from the METHODS table
   4. checkpoints: atomic writes, exact resume
   5. the loop, in the order it runs: setup (teacher, student, data, optimizer, resume), then
      per step: lr schedule, accum micro-batches (teacher no grad in float32, student under
@@ -86,8 +86,6 @@ RECIPES = {
     "gendistiller": Recipe("gendistiller", 2e-4, (0.9, 0.98), 1e-6, 0.0, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
                            max_seconds=15.625, teacher_final_norm=True, source="choice: DistilHuBERT's recipe"),
 }
-# The methods whose student sees span-masked input (SPEC 2, 3).
-MASKED_INPUT = ("armhubert", "colld")
 # SPEC 2: MaskHuBERT (no reuse) trains with lr 5e-4 instead of ARMHuBERT's 5e-3.
 PRESET_LR = {"maskhubert": 5e-4}
 
@@ -240,7 +238,7 @@ def parse_args(argv=None):
     args.teacher_final_norm = args.teacher_final_norm == "true"
     if args.mask_same_rows < 0:
         raise SystemExit(f"error: --mask_same_rows {args.mask_same_rows}: expected >= 0 (0 = the whole batch)")
-    if args.method in MASKED_INPUT and args.mask_prob <= 0:
+    if METHODS[args.method].masks_input and args.mask_prob <= 0:
         if args.mask_prob < 0 or (args.method == "colld" and not args.colld_include_unmasked):
             raise SystemExit(f"error: --mask_prob {args.mask_prob}: --method {args.method} needs a share in (0, 1] "
                              "(0, no masking, is allowed as an ablation for armhubert, and for colld with "
@@ -260,32 +258,27 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------
 
 
-def build_student_for(args, teacher):
-    """The run's student: model.build_student with the --student preset and --FIELD overrides,
-    fitted to (and, where the preset says so, copied from) the teacher. Returns (student, notes)."""
-    try:
-        student, notes = model.build_student(args.student, teacher, args.overrides)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    if args.method in MASKED_INPUT and not student.cfg.mask_embedding:
-        raise SystemExit(f"error: --method {args.method} masks the student input; --mask_embedding=false is not allowed")
-    return student, notes
-
-
 def unwrap(student):
     """The student module itself, also when DistributedDataParallel wraps it."""
     return student.module if hasattr(student, "module") else student
 
 
-def draw_mask(args, frame_lengths, max_frames, seeds):
-    """The micro-batch's span mask (B, T), seeded by `seeds` = [seed, step, micro-step, rank]: a
-    resumed run redraws it exactly, and the micro-batches of one update get different masks."""
+def draw_mask(args, teacher, lengths, seeds):
+    """The micro-batch's span mask M (B, T) over the teacher's frames, seeded by `seeds` = [seed, step,
+    micro-step, rank] (a resumed run redraws it exactly; the micro-batches of one update differ), and
+    the valid frames (B,) it was drawn on."""
+    frames = data.frame_count(lengths, teacher.conv_layers)  # (B,) valid frames
     rng = np.random.default_rng(seeds)
-    mask = data.compute_mask_indices(frame_lengths.cpu(), max_frames, args.mask_prob, args.mask_length,
+    mask = data.compute_mask_indices(frames.cpu(), int(frames.max()), args.mask_prob, args.mask_length,
                                      args.mask_type, min_masks=args.mask_min_masks,
                                      no_overlap=not args.mask_overlap, min_space=args.mask_min_space,
                                      same_count_rows=args.mask_same_rows or None, rng=rng)
-    return mask.to(frame_lengths.device)
+    return mask.to(lengths.device), frames
+
+
+def mask_share(mask, frames):
+    """Logged with the loss parts, not part of the loss: the share of valid frames the student saw masked."""
+    return mask.sum() / frames.sum().clamp(min=1)
 
 
 def step_distilhubert(args, teacher, student, wav, lengths, seeds):
@@ -310,40 +303,46 @@ def step_armhubert(args, teacher, student, wav, lengths, seeds):
     """ARMHuBERT masking distillation (SPEC 2): one span mask M; the student sees the masked input;
     masked frames regress the teacher on clean input, unmasked frames the teacher on the same
     masked input (a second teacher pass)."""
-    target_layers = unwrap(student).cfg.target_layers
-    frames = data.frame_count(lengths, teacher.conv_layers)  # (B,) valid frames
-    mask = draw_mask(args, frames, int(frames.max()), seeds)  # (B, T) bool
+    mask, frames = draw_mask(args, teacher, lengths, seeds)  # (B, T) bool, (B,)
     features, frame_lengths = teacher.features(wav, lengths)  # computed once: the mask does not touch it
     clean, _ = teacher.encode(features, frame_lengths, final_norm=args.teacher_final_norm)
     # with no frame masked (the --mask_prob 0 ablation) both passes would be the same
     masked = teacher.encode(features, frame_lengths, mask, args.teacher_final_norm)[0] if mask.any() else clean
+    target_layers = unwrap(student).cfg.target_layers
     clean = losses.teacher_targets(clean, target_layers, args.target_norm)
     masked = losses.teacher_targets(masked, target_layers, args.target_norm)
     preds, _ = student(wav, lengths, mask=mask)
     weights = [args.layer_weight] * (len(preds) - 1) + [args.last_layer_weight]
     loss, parts = losses.masking_distillation_loss(preds, clean, masked, mask, frame_lengths, weights)
-    # logged with the loss parts (not part of the loss): the share of valid frames the student saw masked
-    return loss, {**parts, "mask_share": mask.sum() / frames.sum().clamp(min=1)}
+    return loss, {**parts, "mask_share": mask_share(mask, frames)}
 
 
 def step_colld(args, teacher, student, wav, lengths, seeds):
     """CoLLD (SPEC 3): one span mask M; the student sees the masked input; InfoNCE between each
     student layer and its teacher layer on clean input, at the masked frames."""
-    target_layers = unwrap(student).cfg.target_layers
-    frames = data.frame_count(lengths, teacher.conv_layers)  # (B,) valid frames
-    mask = draw_mask(args, frames, int(frames.max()), seeds)  # (B, T) bool
+    mask, frames = draw_mask(args, teacher, lengths, seeds)  # (B, T) bool, (B,)
     clean, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
-    targets = losses.teacher_targets(clean, target_layers, args.target_norm)
+    targets = losses.teacher_targets(clean, unwrap(student).cfg.target_layers, args.target_norm)
     preds, _ = student(wav, lengths, mask=mask)
-    seed = int(np.random.default_rng(seeds).integers(2 ** 62))  # the negatives' own stream
+    # the negatives: a torch generator seeded from the same seed sequence as the mask
+    seed = int(np.random.default_rng(seeds).integers(2 ** 62))
     gen = torch.Generator(device=wav.device).manual_seed(seed)  # drawn where the loss runs (GPU: no copy)
     loss, parts = losses.colld_loss(preds, targets, mask, frame_lengths, args.colld_negatives, args.colld_temperature,
                                     args.colld_include_unmasked, args.colld_l1_weight, generator=gen)
-    return loss, {**parts, "mask_share": mask.sum() / frames.sum().clamp(min=1)}
+    return loss, {**parts, "mask_share": mask_share(mask, frames)}
 
 
-STEPS = {"distilhubert": step_distilhubert, "armhubert": step_armhubert, "colld": step_colld,
-         "gendistiller": step_gendistiller}
+@dataclass(frozen=True)
+class Method:
+    step: object  # step_METHOD above
+    masks_input: bool  # the student sees span-masked input (it needs a mask embedding, --mask_prob applies)
+    generator: bool  # the student is GenDistiller's generator (head "generator"); the others are not
+
+
+METHODS = {"distilhubert": Method(step_distilhubert, masks_input=False, generator=False),
+           "armhubert": Method(step_armhubert, masks_input=True, generator=False),
+           "colld": Method(step_colld, masks_input=True, generator=False),
+           "gendistiller": Method(step_gendistiller, masks_input=False, generator=True)}
 
 
 def check_frames(teacher_lengths, student_lengths):
@@ -354,7 +353,7 @@ def check_frames(teacher_lengths, student_lengths):
 
 
 def distillation_loss(args, teacher, student, wav, lengths, step, rank=0, micro=0):
-    """(loss, parts) of one micro-batch for args.method: the method's step from STEPS.
+    """(loss, parts) of one micro-batch for args.method: the method's step from METHODS.
 
     subtle: the frame counts of the two conv stacks are checked before any forward: the mask
     (masked methods) and the history (GenDistiller) have the teacher's frame count, so a student
@@ -362,7 +361,7 @@ def distillation_loss(args, teacher, student, wav, lengths, step, rank=0, micro=
     """
     check_frames(data.frame_count(lengths, teacher.conv_layers),
                  data.frame_count(lengths, unwrap(student).cfg.conv_layers))
-    return STEPS[args.method](args, teacher, student, wav, lengths, [args.seed, step, micro, rank])
+    return METHODS[args.method].step(args, teacher, student, wav, lengths, [args.seed, step, micro, rank])
 
 
 # ----------------------------------------------------------------------------
@@ -411,19 +410,6 @@ def find_resume(args):
         except Exception as e:  # a damaged file (disk error): say so and fall back to the one before
             print(f"warning: skipping unreadable checkpoint {path}: {e}", flush=True)
     return None
-
-
-def optimizer_state_for(opt_state, saved_names, student):
-    """AdamW's state re-indexed for `student`'s parameter order. A checkpoint lists its parameters
-    in `saved_names` order (its state dict, in today's names); GenDistiller checkpoints written
-    before 2026-12 listed the slot embedding first, so its moments must follow it by name."""
-    params = dict(student.named_parameters())
-    old, new = optimizer_order(saved_names, params), optimizer_order(list(params), params)
-    if old == new:
-        return opt_state
-    where = {name: i for i, name in enumerate(old)}
-    state = {i: opt_state["state"][where[n]] for i, n in enumerate(new) if where[n] in opt_state["state"]}
-    return {**opt_state, "state": state}
 
 
 def check_resumable(ckpt, path, args, cfg, world):
@@ -601,10 +587,27 @@ class Run:
     epoch: int = 0
     position: int = 0  # batches of this epoch consumed
     skipped: int = 0  # non-finite steps skipped (--skip_nonfinite)
+    say: object = print  # prints on rank 0 only (setup)
 
-    def say(self, *a):
-        if self.rank == 0:
-            print(*a, flush=True)
+
+def build_student_for(args, teacher):
+    """The run's student: model.build_student with the --student preset and --FIELD overrides,
+    fitted to (and, where the preset says so, copied from) the teacher, checked against what the
+    --method's step feeds it. Returns (student, notes)."""
+    try:
+        student, notes = model.build_student(args.student, teacher, args.overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    cfg, method = student.cfg, METHODS[args.method]
+    if method.generator != (cfg.head == "generator"):
+        need = "a generator student (--student gendistiller)" if method.generator else "a student that is not a generator"
+        raise SystemExit(f"error: --method {args.method} trains {need}; --student {args.student} has head={cfg.head!r}")
+    if method.masks_input and not cfg.mask_embedding:
+        raise SystemExit(f"error: --method {args.method} masks the student input; --mask_embedding=false is not allowed")
+    if cfg.head == "generator" and (cfg.layer_grad_scale or cfg.official_reuse):
+        raise SystemExit("error: --layer_grad_scale and --official_reuse are ARMHuBERT's; the GenDistiller "
+                         "generator has neither")
+    return student, notes
 
 
 def setup(args):
@@ -629,7 +632,7 @@ def setup(args):
     for note in args.applied + [f"student {n}" for n in fit_notes] + \
             [f"student {k}={v} (--{k})" for k, v in args.overrides.items()]:
         say(f"  override: {note}")
-    if teacher.config["encoder_layer_norm_first"] and args.target_norm == "none" and args.method in MASKED_INPUT:
+    if teacher.config["encoder_layer_norm_first"] and args.target_norm == "none" and METHODS[args.method].masks_input:
         # note: the README's kit ablation: with a pre-LN teacher, ARMHuBERT's per-layer MSE on raw
         # targets stayed near the loss of predicting each dimension's mean; normalised targets learned
         say("  warning: pre-LN teacher (its layers grow with depth) and raw targets; per-layer MSE on such "
@@ -646,7 +649,8 @@ def setup(args):
     optimizer = make_optimizer(raw, args, device)
     amp = autocast_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    run = Run(args, rank, world, device, teacher, student, raw, sampler, loader, val_loader, optimizer, scaler, amp)
+    run = Run(args, rank, world, device, teacher, student, raw, sampler, loader, val_loader, optimizer, scaler, amp,
+              say=say)
     resume(run)
     if world > 1:
         run.student = torch.nn.parallel.DistributedDataParallel(
@@ -672,6 +676,19 @@ def resume(run):
     run.step, run.epoch, run.position = ckpt["step"], ckpt["epoch"], ckpt["position"][run.rank]
     set_rng_state(ckpt["rng"][run.rank])
     run.say(f"resumed from {path} at step {run.step} (epoch {run.epoch}, batch {run.position})")
+
+
+def optimizer_state_for(opt_state, saved_names, student):
+    """AdamW's state re-indexed for `student`'s parameter order. A checkpoint lists its parameters
+    in `saved_names` order (its state dict, in today's names); GenDistiller checkpoints written
+    before 2026-12 listed the slot embedding first, so its moments must follow it by name."""
+    params = dict(student.named_parameters())
+    old, new = optimizer_order(saved_names, params), optimizer_order(list(params), params)
+    if old == new:
+        return opt_state
+    where = {name: i for i, name in enumerate(old)}
+    state = {i: opt_state["state"][where[n]] for i, n in enumerate(new) if where[n] in opt_state["state"]}
+    return {**opt_state, "state": state}
 
 
 def optimizer_step(run, stream, lr):

@@ -392,14 +392,23 @@ def init_bert_params(module):
 def init_weights(cfg, front_end, layers):
     """fairseq's initialisation, applied once the whole network exists (as fairseq does): init "bert"
     gives the transformer `layers` init_bert_params and the conv kernels kaiming-normal; the positional
-    conv keeps its N(0, sqrt(4 / (k * D))); the projection, heads, mask and slot embeddings keep
-    PyTorch's defaults, as in the official code. init "pytorch" keeps nn defaults everywhere."""
+    conv keeps its N(0, sqrt(4 / (k * D))), the mask embedding its U(0, 1) and GenDistiller's slot
+    embedding its N(0, 0.02); the projection and heads keep PyTorch's defaults, as in the official
+    code. init "pytorch" keeps nn defaults for the Linears and conv kernels."""
     if cfg.init == "bert":
         layers.apply(init_bert_params)
         for block in front_end.conv_layers:  # fairseq ConvFeatureExtractionModel
             nn.init.kaiming_normal_(block.conv.weight)
     elif cfg.init != "pytorch":
         raise ValueError(f"init={cfg.init!r}: expected 'bert' or 'pytorch'")
+
+
+def reuse_pattern(cfg):
+    """Which layers reuse the previous map: with reuse="alternate", the paper's layers 2, 4, ...
+    (0-based odd i); with "none", none."""
+    if cfg.reuse not in ("none", "alternate"):
+        raise ValueError(f"reuse={cfg.reuse!r}: expected 'none' or 'alternate'")
+    return [cfg.reuse == "alternate" and i % 2 == 1 for i in range(cfg.num_layers)]
 
 
 class Student(nn.Module):
@@ -415,15 +424,15 @@ class Student(nn.Module):
         as ARMHuBERT's SUPERB upstream returns them
     """
 
+    layers_key = "layers."  # where the transformer layers sit in the state dict (init_from_teacher)
+
     def __init__(self, cfg: StudentConfig):
         super().__init__()
         if cfg.head == "generator":
             raise ValueError("head='generator' is GenDistiller: build it with GenDistiller(cfg) or model.build_student")
         self.cfg = cfg
         self.front_end = FrontEnd(cfg)
-        if cfg.reuse not in ("none", "alternate"):
-            raise ValueError(f"reuse={cfg.reuse!r}: expected 'none' or 'alternate'")
-        self.reuses = [cfg.reuse == "alternate" and i % 2 == 1 for i in range(cfg.num_layers)]  # 0-based i
+        self.reuses = reuse_pattern(cfg)
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, cfg.reuse_attention_dropout if r else cfg.attention_dropout, r, cfg.official_reuse)
             for r in self.reuses)
@@ -462,12 +471,16 @@ class Student(nn.Module):
         return self.heads.deployed(x, self.encode(x, valid)), frame_lengths
 
 
-# Presets: the papers' numbers for a HuBERT Base teacher (768-d, 12 layers).
+# DistilHuBERT's prediction heads target teacher layers 4, 8, 12 of 12 (GenDistiller's outputs too, choice);
+# target_layers_for scales them to other depths.
+DEFAULT_TARGETS = (4, 8, 12)
+# Presets: the papers' numbers for a HuBERT Base teacher (768-d, 12 layers). The "gendistiller" preset
+# builds a GenDistiller (section 3), the others a Student.
 PRESETS = {
     # DistilHuBERT, Chang et al. 2022, Table 1 / s3prl config: 2 layers, teacher-initialised, heads -> 4, 8, 12
     # (s3prl config_model.yaml: no input dropout, feature_grad_mult 0.1)
     "distilhubert": StudentConfig(head="distilhubert", num_layers=2, mask_embedding=False,
-                                  target_layers=(4, 8, 12), init_from_teacher=True, feature_grad_mult=0.1),
+                                  target_layers=DEFAULT_TARGETS, init_from_teacher=True, feature_grad_mult=0.1),
     # Recycle-and-Distill Table 1 (ARMHuBERT): D 480, FFN 864, 12 layers, alternate reuse;
     # official armhubert-960.yaml: dropout_input 0.05, layer_grad_scale True
     "armhubert": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
@@ -488,7 +501,7 @@ PRESETS = {
     # GenDistiller: choice (SPEC 4): DistilHuBERT front end (and its settings), a 2-layer
     # 768-d generator over slots
     "gendistiller": StudentConfig(head="generator", num_layers=2, mask_embedding=False,
-                                  target_layers=(4, 8, 12), init_from_teacher=True, feature_grad_mult=0.1),
+                                  target_layers=DEFAULT_TARGETS, init_from_teacher=True, feature_grad_mult=0.1),
 }
 # The papers' parameter figures (millions) and what they count.
 PAPER_PARAMS = {"distilhubert": (23.49, "without prediction heads"), "armhubert": (26.45, "with heads"),
@@ -562,10 +575,9 @@ class GeneratorConfig:
 
     @classmethod
     def from_student(cls, cfg: StudentConfig):
-        if cfg.reuse != "none" or cfg.layer_grad_scale or cfg.official_reuse:
-            raise ValueError("the GenDistiller generator has no attention-map reuse or layer_grad_scale "
-                             f"(got reuse={cfg.reuse!r}, layer_grad_scale={cfg.layer_grad_scale}, "
-                             f"official_reuse={cfg.official_reuse}); they are ARMHuBERT's")
+        if cfg.reuse != "none":
+            raise ValueError(f"reuse={cfg.reuse!r}: the GenDistiller generator has no attention-map reuse "
+                             "(ARMHuBERT's); set --reuse=none")
         return cls(dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
                    num_outputs=len(cfg.target_layers), teacher_dim=cfg.teacher_dim,
                    layer_norm_first=cfg.layer_norm_first, dropout=cfg.dropout,
@@ -640,6 +652,8 @@ class GenDistiller(nn.Module):
     hidden_states(wav, lengths) -> the K generated teacher layers, free-running (no teacher needed).
     """
 
+    layers_key = "generator.layers."  # where the transformer layers sit in the state dict (init_from_teacher)
+
     def __init__(self, cfg: StudentConfig):
         super().__init__()
         if cfg.head != "generator":
@@ -676,8 +690,8 @@ def target_layers_for(cfg: StudentConfig, num_teacher_layers):
     L_t = num_teacher_layers
     if cfg.head == "per_layer":
         return tuple(max(1, math.floor(i * L_t / cfg.num_layers + 0.5)) for i in range(1, cfg.num_layers + 1))
-    if any(t > L_t for t in cfg.target_layers) or cfg.target_layers == (4, 8, 12):
-        return tuple(max(1, math.floor(t * L_t / 12 + 0.5)) for t in (4, 8, 12))
+    if any(t > L_t for t in cfg.target_layers) or cfg.target_layers == DEFAULT_TARGETS:
+        return tuple(max(1, math.floor(t * L_t / 12 + 0.5)) for t in DEFAULT_TARGETS)
     return cfg.target_layers
 
 
@@ -925,15 +939,21 @@ class Teacher(nn.Module):
         return self(wav, lengths)
 
 
-def teacher_from_checkpoint(ckpt, name="teacher"):
-    """Build a Teacher from a torchaudio-format dict; the one path every source goes through."""
+def torchaudio_model(config):
+    """torchaudio's model for a config: wavlm_model when it has WavLM's relative position buckets,
+    else wav2vec2_model (HuBERT and wav2vec 2.0 share it)."""
     import torchaudio
 
+    build = torchaudio.models.wavlm_model if "encoder_num_buckets" in config else torchaudio.models.wav2vec2_model
+    return build(**config)
+
+
+def teacher_from_checkpoint(ckpt, name="teacher"):
+    """Build a Teacher from a torchaudio-format dict; the one path every source goes through."""
     config = dict(ckpt["config"])
     config["aux_num_out"] = None  # a CTC head, if any, is not part of the teacher
     config["extractor_conv_layer_config"] = [tuple(c) for c in config["extractor_conv_layer_config"]]
-    build = torchaudio.models.wavlm_model if "encoder_num_buckets" in config else torchaudio.models.wav2vec2_model
-    model = build(**config)
+    model = torchaudio_model(config)
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("aux.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -1001,18 +1021,15 @@ def bundle_description(name):
 def random_teacher_checkpoint(name="tiny", seed=0):
     """A seeded random teacher as a torchaudio-format dict (mask_emb included): `tiny`, or the
     geometry of a bundle in BUNDLES (nothing is downloaded; timing and floors need no trained weights)."""
-    import torchaudio
-
     if name == "tiny":
         config = TINY_TEACHER_CONFIG
     elif name.lower() in BUNDLES:
         config, _ = bundle_config(name)
     else:
         raise ValueError(f"random:{name}: not a teacher bundle name ({', '.join(BUNDLES)}) nor 'tiny'")
-    build = torchaudio.models.wavlm_model if "encoder_num_buckets" in config else torchaudio.models.wav2vec2_model
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = build(**config)
+        model = torchaudio_model(config)
         mask_emb = torch.rand(config["encoder_embed_dim"])  # fairseq inits mask_emb uniform
     return {"config": config, "state_dict": model.state_dict(), "mask_emb": mask_emb}
 
@@ -1178,8 +1195,7 @@ def init_from_teacher(student, teacher):
     if teacher.is_wavlm:
         raise ValueError("init_from_teacher copies HuBERT-style layers; WavLM attention differs "
                          "(gated relative position bias). Pass --init_from_teacher=false.")
-    layers = "generator.layers." if isinstance(student, GenDistiller) else "layers."
-    mapping = teacher_to_student_keys(teacher, min(student.cfg.num_layers, teacher.num_layers), layers)
+    mapping = teacher_to_student_keys(teacher, min(student.cfg.num_layers, teacher.num_layers), student.layers_key)
     return copy_from_teacher(student, teacher, mapping, "init_from_teacher: student and teacher shapes")
 
 
@@ -1260,7 +1276,7 @@ def count_macs(cfg: StudentConfig, seconds=10.0, with_heads=True):
         macs += (K - 1) * T * cfg.teacher_dim * D if cfg.teacher_dim != D else 0  # history_proj, once per prediction
         macs += K * T * D * cfg.teacher_dim  # output projections
         return macs
-    reuses = [cfg.reuse == "alternate" and i % 2 == 1 for i in range(cfg.num_layers)]
+    reuses = reuse_pattern(cfg)
     macs += sum(layer_macs(T, r) for r in reuses)
     if with_heads and cfg.head == "per_layer":
         macs += cfg.num_layers * T * D * cfg.teacher_dim

@@ -1830,6 +1830,20 @@ def test_distill_flag_errors():
                                   conv_layers=[(64, 400, 320)], target_layers=(1, 2))
 
 
+def test_distill_refuses_a_student_its_method_cannot_feed(tiny_teacher):
+    # the METHODS table says what each step feeds the student: a generator needs GenDistiller's step,
+    # a masked step needs a mask embedding; ARMHuBERT-only fields are refused on the generator
+    for argv, expected in [(["--method", "gendistiller", "--student", "maskhubert"], "needs|trains a generator"),
+                           (["--method", "armhubert", "--student", "gendistiller", "--mask_embedding=true"],
+                            "not a generator"),
+                           (["--method", "colld", "--mask_embedding=false"], "mask_embedding=false"),
+                           (["--method", "gendistiller", "--layer_grad_scale=true"], "ARMHuBERT's"),
+                           (["--method", "gendistiller", "--reuse=alternate"], "reuse")]:
+        args = distill.parse_args(argv + ["--teacher", "tiny", "--data", "synthetic"])
+        with pytest.raises(SystemExit, match=expected):
+            distill.build_student_for(args, tiny_teacher)
+
+
 @pytest.mark.parametrize("method", ["armhubert", "gendistiller", "distilhubert"])
 def test_distill_frame_mismatch_names_both_counts(method, tiny_teacher):
     # a stride-160 student (the last conv has stride 1) against the stride-320 teacher
@@ -2072,11 +2086,13 @@ def test_distill_atomic_save_failure_leaves_old_checkpoint_and_no_partial_file(t
 def test_distill_masks_differ_across_micro_steps_and_are_reproducible():
     # accumulation micro-steps of one update must not share a mask; a resumed run redraws it exactly
     args = distill.parse_args(["--method", "armhubert", "--data", "synthetic"])
-    frames = torch.tensor([100, 100])
-    a = distill.draw_mask(args, frames, 100, [args.seed, 7, 0, 0])
-    b = distill.draw_mask(args, frames, 100, [args.seed, 7, 1, 0])
+    teacher = model.load_teacher("tiny")
+    lengths = torch.tensor([32080, 32080])  # 100 frames each
+    a, frames = distill.draw_mask(args, teacher, lengths, [args.seed, 7, 0, 0])
+    b, _ = distill.draw_mask(args, teacher, lengths, [args.seed, 7, 1, 0])
+    assert frames.tolist() == [100, 100] and a.shape == (2, 100)
     assert not torch.equal(a, b)
-    assert torch.equal(a, distill.draw_mask(args, frames, 100, [args.seed, 7, 0, 0]))
+    assert torch.equal(a, distill.draw_mask(args, teacher, lengths, [args.seed, 7, 0, 0])[0])
 
 
 def test_distill_target_layers_must_exist_in_teacher(tiny_teacher):
