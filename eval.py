@@ -773,6 +773,62 @@ def speed_rows(args, device, teacher, wav, lengths, only=None):
     return rows
 
 
+def import_checkout(folder):
+    """The model and distill modules of another checkout of this project (e.g. a `git worktree` of an
+    older commit), imported beside ours under the same names without replacing ours."""
+    import importlib
+
+    names = ("data", "losses", "model", "distill")
+    ours = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    sys.path.insert(0, os.path.abspath(folder))
+    try:
+        theirs = {n: importlib.import_module(n) for n in names}  # they import each other by these names
+    finally:
+        sys.path.pop(0)
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(ours)
+    return theirs["model"], theirs["distill"]
+
+
+def against_rows(args, device, teacher, wav, lengths):
+    """The rows of `--against DIR`: the same teacher weights, forwards and distillation steps run by
+    the other checkout's code, each named '... [DIR]'. A student's weights may differ from ours
+    (another init), its shapes and the batch do not. Older checkouts' APIs: build_student returned
+    the module alone and distill.py had no make_optimizer (plain AdamW) and a plain gradient clip."""
+    their_model, their_distill = import_checkout(args.against)
+    tag = f" [{args.against}]"
+    ckpt = {"config": teacher.config, "state_dict": teacher.model.state_dict(), "mask_emb": teacher.mask_emb,
+            "normalize_waveform": teacher.normalize_waveform}
+    their_teacher = their_model.teacher_from_checkpoint(ckpt, name=teacher.name).to(device)
+    first = lambda built: built[0] if isinstance(built, tuple) else built  # noqa: E731
+    rows = [(f"teacher {args.teacher} forward" + tag, torch.no_grad()(lambda: their_teacher(wav, lengths)),
+             sum(p.numel() for p in their_teacher.parameters()))]
+    for preset in args.presets:
+        student = first(their_model.build_student(preset, their_teacher)).to(device).eval()
+        rows.append((f"student {preset} forward" + tag, torch.no_grad()(lambda s=student: s.hidden_states(wav, lengths)),
+                     sum(p.numel() for p in student.parameters())))
+    for method in ([] if args.skip_distill else args.methods):
+        d_args = their_distill.parse_args(["--method", method, "--data", "synthetic", "--seed", str(args.seed)])
+        student = first(their_distill.build_student_for(d_args, their_teacher)).to(device).train()
+        if hasattr(their_distill, "make_optimizer"):
+            opt, foreach = their_distill.make_optimizer(student, d_args, device), True
+        else:
+            opt, foreach = torch.optim.AdamW(their_distill.param_groups(student, d_args.weight_decay), lr=d_args.lr,
+                                             betas=d_args.betas, eps=d_args.eps), None
+
+        def one_step(student=student, opt=opt, d_args=d_args, foreach=foreach, step=[0]):
+            loss, _ = their_distill.distillation_loss(d_args, their_teacher, student, wav, lengths, step[0])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), d_args.clip, foreach=foreach)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step[0] += 1
+
+        rows.append((f"distill step {method}" + tag, one_step, sum(p.numel() for p in student.parameters())))
+    return rows
+
+
 def peak_rss_mb():
     """This process's peak resident set size so far (getrusage ru_maxrss), MB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -814,6 +870,10 @@ def run_speed(args):
         raise ValueError(f"--teacher {args.teacher}: expected a teacher (tiny, a bundle name, a teacher file or "
                          f"random:NAME), got a {type(teacher).__name__}")
     rows = speed_rows(args, device, teacher, wav, lengths, only=args.row)
+    if args.against and not args.row:
+        if device.type != "cpu" or args.precision not in ("auto", "fp32"):
+            raise ValueError("--against: fp32 on a CPU only (the other checkout's autocast is not mirrored)")
+        rows += against_rows(args, device, teacher, wav, lengths)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
     if args.row:  # a child of row_peak_memory_mb: this row alone, then its peak
         (name, fn, _), = rows
@@ -856,9 +916,18 @@ def run_speed(args):
                       "peak_mem_mb": peaks.get(name)})
     if device.type != "cuda" and not args.no_memory:
         for r in table:
-            print(f"  peak memory of {r['model']} ...", flush=True)
-            r["peak_mem_mb"] = row_peak_memory_mb(args, r["model"])
+            if not r["model"].endswith("]"):  # --against rows: their code, no child process of ours
+                print(f"  peak memory of {r['model']} ...", flush=True)
+                r["peak_mem_mb"] = row_peak_memory_mb(args, r["model"])
     print(markdown_table(table, device, args))
+    if args.against:
+        # speed-up of this checkout over the other one, per round (same batch, same machine moment)
+        print(f"\nSpeed-up over {args.against} (median over rounds of their time / ours in the same round):")
+        for name in wall:
+            theirs = wall.get(f"{name} [{args.against}]")
+            if theirs:
+                ratios = [t / w for t, w in zip(theirs, wall[name])]
+                print(f"  {name}: {statistics.median(ratios):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
     if args.out:
         write_json(args.out, {"device": str(device), "batch": args.batch, "seconds": args.seconds,
                               "repeats": args.repeats, "teacher": args.teacher, "threads": torch.get_num_threads(),
@@ -908,6 +977,9 @@ def add_speed_command(sub):
     sp.add_argument("--no_memory", action="store_true",
                     help="CPU: skip the per-row peak memory (each row is re-run alone in a fresh process)")
     sp.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one row alone, for its memory
+    sp.add_argument("--against", default=None, metavar="DIR",
+                    help="also time another checkout of this project (e.g. `git worktree add DIR COMMIT`) in the "
+                         "same rounds, and print our speed-up over it row by row (CPU, fp32)")
 
 
 def check_speed_args(p, args):

@@ -2470,3 +2470,19 @@ def test_speed_prints_table(capsys, tmp_path):
         assert abs(r["x_teacher"] - sum(ratios) / 2) < 1e-9
     # each row's peak memory was measured alone, in a process of its own
     assert all(r["peak_mem_mb"] > 0 for r in rows)
+
+
+def test_speed_against_another_checkout_times_both_in_the_same_rounds(capsys, tmp_path):
+    # --against DIR imports another checkout's model.py and distill.py beside ours; here the same code
+    # (a copy of this checkout), so both sets of rows exist and the per-round speed-ups are printed
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in ("data.py", "losses.py", "model.py", "distill.py"):
+        (other / f).write_text(open(os.path.join(_MT_DIR, f)).read())
+    rows = ev.main(["speed", "--teacher", "tiny", "--seconds", "0.5", "--batch", "2", "--repeats", "2", "--presets",
+                    "gendistiller", "--methods", "armhubert", "--threads", "1", "--no_memory", "--against", str(other)])
+    names = [r["model"] for r in rows]
+    assert f"distill step armhubert [{other}]" in names and f"student gendistiller forward [{other}]" in names
+    text = capsys.readouterr().out
+    assert f"Speed-up over {other}" in text and "distill step armhubert: " in text
+    assert model.__file__ != str(other / "model.py") and sys.modules["model"] is model  # ours untouched
