@@ -743,6 +743,13 @@ def speed_rows(args, device, teacher, wav, lengths, only=None):
             # prediction heads, gendistiller free-running
             rows.append((name, forward(student.hidden_states, wav, lengths),
                          model.count_parameters(student, with_heads=preset != "distilhubert")))
+    name = "student maskhubert layers, no heads"
+    if want(name) and "maskhubert" in args.presets:
+        # the computation of torchaudio's model below (its layer outputs), without the 12 heads
+        student, _ = model.build_student("maskhubert", teacher, copy_weights=False)
+        student = student.to(device).eval()
+        rows.append((name, forward(lambda s=student: s.encode(*s.front_end(wav, lengths)[:2])),
+                     model.count_parameters(student) - sum(p.numel() for p in student.heads.parameters())))
     name = "torchaudio wav2vec2_model @ maskhubert size"
     if want(name):
         ta = torchaudio_maskhubert(args.seed).to(device).eval()
@@ -830,16 +837,23 @@ def against_rows(args, device, teacher, wav, lengths):
 
 
 def peak_rss_mb():
-    """This process's peak resident set size so far (getrusage ru_maxrss), MB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+    """This process's peak resident set size so far, MB.
+    subtle: Linux keeps getrusage's ru_maxrss across exec, so a child started by a large parent would
+    report the parent's peak; /proc/self/status VmHWM belongs to this program alone."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
 def row_peak_memory_mb(args, name):
     """Peak memory of one row, measured alone. CUDA: max_memory_allocated over a warm-up and a run
-    of that row, in this process. CPU: ru_maxrss is a process-wide high-water mark that never
-    resets, so the row runs in a fresh process (`eval.py speed --row NAME`) holding the teacher and
-    that row's model only; its peak RSS is reported."""
+    of that row, in this process. CPU: a process's high-water mark does not reset between rows, so
+    the row runs in a fresh process (`eval.py speed --row NAME`) holding the teacher and that row's
+    model only; its peak RSS while running the row is reported (on Linux the mark is restarted after
+    the models are built)."""
     if args.device.startswith("cuda"):
         return None  # measured in place by run_speed
     argv = [sys.executable, os.path.abspath(__file__), "speed", "--row", name, "--teacher", args.teacher,
@@ -877,6 +891,11 @@ def run_speed(args):
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
     if args.row:  # a child of row_peak_memory_mb: this row alone, then its peak
         (name, fn, _), = rows
+        try:  # Linux: restart the high-water mark at the current RSS, so building the models does not count
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # elsewhere the peak includes building the models
         for _ in range(max(args.warmup, 1) + 1):
             fn()
         print(f"peak rss mb {peak_rss_mb():.1f}")
@@ -945,7 +964,7 @@ def markdown_table(rows, device, args):
                      f"{r['cpu_ms']:.0f} | {r['audio_s_per_s']:.1f} | {peak} | {r['x_teacher']:.2f} |")
     note = ("\nx teacher fwd: median over rounds of (row time / teacher time in the same round). "
             + ("" if device.type == "cuda" else "CPU ms: process CPU time (all threads). Peak RSS: the row run "
-               "alone in a fresh process holding the teacher and that row's model."))
+               "alone in a fresh process holding the teacher and that row's model, peak while it runs."))
     return (f"\nBatch {args.batch} x {args.seconds} s, {device}, {torch.get_num_threads()} threads, median of "
             f"{args.repeats} round-robin rounds; teacher {args.teacher} (random weights unless loaded: timing "
             f"does not need trained ones).\n" + "\n".join(lines) + note)

@@ -2454,11 +2454,13 @@ def test_probe_flag_errors(corpus, tmp_path):
 def test_speed_prints_table(capsys, tmp_path):
     out = tmp_path / "speed.json"
     rows = ev.main(["speed", "--teacher", "tiny", "--seconds", "0.5", "--batch", "2", "--repeats", "2",
-                    "--presets", "distilhubert", "--methods", "distilhubert", "--threads", "1", "--out", str(out)])
+                    "--presets", "distilhubert", "maskhubert", "--methods", "distilhubert", "--threads", "1",
+                    "--out", str(out)])
     text = capsys.readouterr().out
     assert "| model | params (M) | ms (median) |" in text and "|---|" in text
     names = [r["model"] for r in rows]
     assert names[0].startswith("teacher tiny") and "student distilhubert forward" in names
+    assert "student maskhubert layers, no heads" in names  # torchaudio's computation, for the comparison
     assert any(n.startswith("torchaudio wav2vec2_model") for n in names)
     assert rows[0]["x_teacher"] == 1.0 and all(r["ms"] > 0 and r["cpu_ms"] > 0 for r in rows)
     saved = json.loads(out.read_text())
