@@ -35,6 +35,7 @@ Examples:
     python eval.py speed --seconds 4 --batch 8 --device cuda --out results/speed.json
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -763,21 +764,27 @@ def speed_rows(args, device, teacher, wav, lengths, only=None):
         student, _ = distill.build_student_for(d_args, teacher)
         student = student.to(device).train()
         opt = distill.make_optimizer(student, d_args, device)  # the method's recipe AdamW, as distill.py
-        step = [0]
-
-        def one_step(student=student, opt=opt, d_args=d_args, step=step):
-            # distill.optimizer_step's work for one micro-batch: teacher, student, loss, backward, clip,
-            # AdamW (note: no fp16 gradient scaler here; it changes no timing that matters)
-            with autocast():
-                loss, _ = distill.distillation_loss(d_args, teacher, student, wav, lengths, step[0])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), d_args.clip, foreach=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step[0] += 1
-
-        rows.append((name, one_step, sum(p.numel() for p in student.parameters())))
+        rows.append((name, distill_step(distill, d_args, teacher, student, opt, wav, lengths, True, autocast),
+                     sum(p.numel() for p in student.parameters())))
     return rows
+
+
+def distill_step(code, d_args, teacher, student, opt, wav, lengths, foreach, autocast=contextlib.nullcontext):
+    """One distillation step as `code` (a distill module) takes it for one micro-batch: teacher,
+    student, loss, backward, gradient clip, AdamW (note: no fp16 gradient scaler; it changes no
+    timing that matters). foreach: the clip's form, as that distill.py has it."""
+    step = [0]
+
+    def fn():
+        with autocast():
+            loss, _ = code.distillation_loss(d_args, teacher, student, wav, lengths, step[0])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), d_args.clip, foreach=foreach)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step[0] += 1
+
+    return fn
 
 
 def import_checkout(folder):
@@ -823,16 +830,9 @@ def against_rows(args, device, teacher, wav, lengths):
         else:
             opt, foreach = torch.optim.AdamW(their_distill.param_groups(student, d_args.weight_decay), lr=d_args.lr,
                                              betas=d_args.betas, eps=d_args.eps), None
-
-        def one_step(student=student, opt=opt, d_args=d_args, foreach=foreach, step=[0]):
-            loss, _ = their_distill.distillation_loss(d_args, their_teacher, student, wav, lengths, step[0])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), d_args.clip, foreach=foreach)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step[0] += 1
-
-        rows.append((f"distill step {method}" + tag, one_step, sum(p.numel() for p in student.parameters())))
+        rows.append((f"distill step {method}" + tag,
+                     distill_step(their_distill, d_args, their_teacher, student, opt, wav, lengths, foreach),
+                     sum(p.numel() for p in student.parameters())))
     return rows
 
 
