@@ -833,10 +833,14 @@ def train(run):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = setup(args)
-    train(run)
-    if run.world > 1:
-        dist.destroy_process_group()
+    try:
+        train(setup(args))
+    finally:
+        # subtle: a process that exits with the gloo/NCCL process group alive can abort in C++
+        # ("terminate called without an active exception") when its threads are torn down; the group
+        # is destroyed on every way out (the end, an error, a SystemExit)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
