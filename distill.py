@@ -98,9 +98,66 @@ SMOKE = dict(max_steps=60, batch_seconds=8.0, accum=1, warmup=0.1, log_every=10,
 # ----------------------------------------------------------------------------
 
 
+class FlagError(SystemExit):
+    """A bad command line: one line on stderr, exit status 2 (argparse's convention), no traceback."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that an error is one line (the usage is in --help) and a FlagError."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        raise FlagError(f"error: {message}")
+
+
+# What every numeric flag allows: (test, the words of the error). Checked once the recipe has
+# filled the unset ones, so each flag is named with the value it really has.
+def _at_least(low):
+    return (lambda v: v >= low, f">= {low}")
+
+
+FLAG_RANGES = {
+    "val_batches": _at_least(1), "accum": _at_least(1), "max_steps": _at_least(1), "workers": _at_least(0),
+    "log_every": _at_least(1), "save_every": _at_least(1), "val_every": _at_least(1), "keep": _at_least(1),
+    "seed": _at_least(0), "mask_length": _at_least(1), "mask_min_space": _at_least(0),
+    "mask_min_masks": _at_least(0), "mask_same_rows": _at_least(0), "colld_negatives": _at_least(1),
+    "batch_seconds": (lambda v: v > 0, "seconds > 0"),
+    "max_seconds": (lambda v: v is None or v == 0 or v >= data.MIN_SAMPLES / data.SAMPLE_RATE,
+                    f"0 (never crop) or >= {data.MIN_SAMPLES / data.SAMPLE_RATE} s (one frame)"),
+    "lr": (lambda v: v > 0, "> 0"), "eps": (lambda v: v > 0, "> 0"), "clip": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"), "warmup": (lambda v: 0 <= v <= 1, "a fraction of the steps in [0, 1]"),
+    "betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "mask_prob": (lambda v: 0 <= v <= 1, "a share of the frames in [0, 1]"),
+    "cos_weight": (lambda v: v >= 0, ">= 0"), "last_layer_weight": (lambda v: v >= 0, ">= 0"),
+    "layer_weight": (lambda v: v >= 0, ">= 0"), "colld_temperature": (lambda v: v > 0, "> 0"),
+    "colld_l1_weight": (lambda v: v >= 0, ">= 0"),
+}
+# Flags of one method's objective: given with another --method they would be ignored, so they are refused.
+METHOD_FLAGS = {
+    "mask_prob": ("armhubert", "colld"), "mask_length": ("armhubert", "colld"), "mask_type": ("armhubert", "colld"),
+    "mask_min_space": ("armhubert", "colld"), "mask_min_masks": ("armhubert", "colld"),
+    "mask_overlap": ("armhubert", "colld"), "mask_same_rows": ("armhubert", "colld"),
+    "cos_weight": ("distilhubert", "gendistiller"), "last_layer_weight": ("armhubert",), "layer_weight": ("armhubert",),
+    "colld_negatives": ("colld",), "colld_temperature": ("colld",), "colld_include_unmasked": ("colld",),
+    "colld_l1_weight": ("colld",), "gen_feed": ("gendistiller",),
+}
+# Their values when not given (the ones with a recipe value are filled from RECIPES).
+METHOD_FLAG_DEFAULTS = dict(mask_length=10, mask_min_space=1, mask_min_masks=2, mask_overlap=False,
+                            mask_same_rows=18, cos_weight=1.0, last_layer_weight=1.0, layer_weight=0.1,
+                            colld_negatives=100, colld_temperature=0.1, colld_include_unmasked=False,
+                            colld_l1_weight=0.0, gen_feed="teacher")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Distil a speech SSL teacher into a compact student (DistilHuBERT, ARMHuBERT, CoLLD, "
+    p = Parser(
+        prog="distill.py", description="Distil a speech SSL teacher into a compact student (DistilHuBERT, ARMHuBERT, CoLLD, "
                     "GenDistiller). Flags left unset take the --method's paper recipe. Student config fields "
                     "are set with --FIELD=VALUE (see model.StudentConfig), e.g. --dim=384 --reuse=none.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -138,13 +195,14 @@ def build_parser():
                    help="skip (and count) a step whose loss or gradient is not finite instead of stopping")
     g = p.add_argument_group("masking (ARMHuBERT, CoLLD; fairseq compute_mask_indices semantics)")
     g.add_argument("--mask_prob", type=float, default=None, help="share of valid frames covered by spans")
-    g.add_argument("--mask_length", type=int, default=10, help="mean span length (frames)")
+    g.add_argument("--mask_length", type=int, default=None, help="mean span length (frames; default 10)")
     g.add_argument("--mask_type", default=None, choices=["static", "uniform"],
                    help="span lengths: static = mask_length; uniform = 0..2*mask_length (official ARMHuBERT)")
-    g.add_argument("--mask_min_space", type=int, default=1, help="unmasked frames kept between spans")
-    g.add_argument("--mask_min_masks", type=int, default=2, help="minimum spans per utterance")
-    g.add_argument("--mask_overlap", action="store_true", help="allow spans to overlap (HuBERT) instead of no-overlap")
-    g.add_argument("--mask_same_rows", type=int, default=18,
+    g.add_argument("--mask_min_space", type=int, default=None, help="unmasked frames kept between spans (default 1)")
+    g.add_argument("--mask_min_masks", type=int, default=None, help="minimum spans per utterance (default 2)")
+    g.add_argument("--mask_overlap", action="store_true", default=None,
+                   help="allow spans to overlap (HuBERT) instead of no-overlap")
+    g.add_argument("--mask_same_rows", type=int, default=None,
                    help="rows equalised to the same masked count, in length order (fairseq equalises the whole "
                         "batch, which was the official 18 utterances per GPU); 0 = the whole batch")
     g = p.add_argument_group("teacher targets")
@@ -158,14 +216,14 @@ def build_parser():
                         "and the official ARMHuBERT hooks). Default: true for distilhubert/gendistiller, false "
                         "for armhubert/colld")
     g = p.add_argument_group("method details (choices the papers leave open, SPEC)")
-    g.add_argument("--cos_weight", type=float, default=1.0, help="lambda of the -log sigmoid(cos) term (DistilHuBERT, GenDistiller)")
-    g.add_argument("--last_layer_weight", type=float, default=1.0, help="ARMHuBERT weight of the last layer")
-    g.add_argument("--layer_weight", type=float, default=0.1, help="ARMHuBERT weight of layers 1..L-1")
-    g.add_argument("--colld_negatives", type=int, default=100, help="CoLLD negatives per anchor (K)")
-    g.add_argument("--colld_temperature", type=float, default=0.1, help="CoLLD softmax temperature (tau)")
-    g.add_argument("--colld_include_unmasked", action="store_true", help="CoLLD: unmasked frames are anchors too")
-    g.add_argument("--colld_l1_weight", type=float, default=0.0, help="CoLLD: weight of an extra L1 regression term")
-    g.add_argument("--gen_feed", default="teacher", choices=["teacher", "self"],
+    g.add_argument("--cos_weight", type=float, default=None, help="(default 1) " + "lambda of the -log sigmoid(cos) term (DistilHuBERT, GenDistiller)")
+    g.add_argument("--last_layer_weight", type=float, default=None, help="(default 1) " + "ARMHuBERT weight of the last layer")
+    g.add_argument("--layer_weight", type=float, default=None, help="(default 0.1) " + "ARMHuBERT weight of layers 1..L-1")
+    g.add_argument("--colld_negatives", type=int, default=None, help="(default 100) " + "CoLLD negatives per anchor (K)")
+    g.add_argument("--colld_temperature", type=float, default=None, help="(default 0.1) " + "CoLLD softmax temperature (tau)")
+    g.add_argument("--colld_include_unmasked", action="store_true", default=None, help="CoLLD: unmasked frames are anchors too")
+    g.add_argument("--colld_l1_weight", type=float, default=None, help="(default 0) " + "CoLLD: weight of an extra L1 regression term")
+    g.add_argument("--gen_feed", default=None, choices=["teacher", "self"],
                    help="GenDistiller history during training: teacher forcing or its own predictions (free-running)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="output directory (checkpoints, train_log.jsonl)")
@@ -180,16 +238,16 @@ def build_parser():
     return p
 
 
-def student_overrides(items):
+def student_overrides(items, parser):
     """['--dim=384', '--reuse=none'] -> {'dim': 384, 'reuse': 'none'}, type-checked against StudentConfig."""
     fields = {f.name: f for f in dataclasses.fields(model.StudentConfig)}
     out = {}
     for item in items:
         if not item.startswith("--") or "=" not in item:
-            raise SystemExit(f"error: unrecognised argument {item!r} (student fields are set as --FIELD=VALUE)")
+            parser.error(f"unrecognised argument {item!r} (student fields are set as --FIELD=VALUE)")
         key, value = item[2:].split("=", 1)
         if key not in fields:
-            raise SystemExit(f"error: unknown flag or student field {key!r}; student fields: {', '.join(fields)}")
+            parser.error(f"unknown flag or student field {key!r}; student fields: {', '.join(fields)}")
         default = getattr(model.StudentConfig(), key)
         try:
             if isinstance(default, bool):
@@ -207,18 +265,27 @@ def student_overrides(items):
             else:
                 out[key] = value
         except ValueError as e:
-            raise SystemExit(f"error: --{key}={value}: {e} (type of {key}: {type(default).__name__})")
+            parser.error(f"--{key}={value}: {e} (type of {key}: {type(default).__name__})")
     return out
 
 
 def parse_args(argv=None):
     """Parse flags, fill unset ones from the recipe, and keep the student overrides in args.overrides."""
-    args, rest = build_parser().parse_known_args(argv)
-    args.overrides = student_overrides(rest)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    args.overrides = student_overrides(rest, parser)
     recipe = RECIPES[args.method]
     args.student = args.student or recipe.student
     if args.student not in model.PRESETS:
-        raise SystemExit(f"error: --student {args.student!r}: unknown preset; choose from {', '.join(model.PRESETS)}")
+        parser.error(f"--student {args.student!r}: unknown preset; choose from {', '.join(model.PRESETS)}")
+    for name, methods in METHOD_FLAGS.items():
+        if getattr(args, name) is not None and args.method not in methods:
+            value = getattr(args, name)
+            shown = "" if value is True else f" {value}"  # a switch has no value to show
+            parser.error(f"--{name}{shown} belongs to --method {' / '.join(methods)}; --method {args.method} "
+                         "does not use it")
+        if getattr(args, name) is None and name in METHOD_FLAG_DEFAULTS:
+            setattr(args, name, METHOD_FLAG_DEFAULTS[name])
     args.applied = []  # what changed from the paper recipe, printed at start
     smoke = args.data == "synthetic"
     for name in ("max_steps", "batch_seconds", "accum", "warmup", "log_every", "save_every", "val_every"):
@@ -236,13 +303,17 @@ def parse_args(argv=None):
             setattr(args, name, value)
     args.betas = tuple(args.betas)
     args.teacher_final_norm = args.teacher_final_norm == "true"
-    if args.mask_same_rows < 0:
-        raise SystemExit(f"error: --mask_same_rows {args.mask_same_rows}: expected >= 0 (0 = the whole batch)")
-    if METHODS[args.method].masks_input and args.mask_prob <= 0:
-        if args.mask_prob < 0 or (args.method == "colld" and not args.colld_include_unmasked):
-            raise SystemExit(f"error: --mask_prob {args.mask_prob}: --method {args.method} needs a share in (0, 1] "
-                             "(0, no masking, is allowed as an ablation for armhubert, and for colld with "
-                             "--colld_include_unmasked)")
+    for name, (ok, allowed) in FLAG_RANGES.items():
+        value = getattr(args, name)
+        finite = all(math.isfinite(v) for v in (value if isinstance(value, tuple) else [value]) if v is not None)
+        if not (finite and ok(value)):
+            shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+            parser.error(f"--{name} {shown}: expected {allowed}")
+    if METHODS[args.method].masks_input and args.mask_prob == 0:
+        if args.method == "colld" and not args.colld_include_unmasked:
+            parser.error(f"--mask_prob {args.mask_prob}: --method {args.method} needs a share in (0, 1] "
+                         "(0, no masking, is allowed as an ablation for armhubert, and for colld with "
+                         "--colld_include_unmasked)")
         args.applied.append("mask_prob=0: no masking (ablation, not the paper's method)")
     return args
 
@@ -500,21 +571,28 @@ def make_data(args, source, rank, world, seed, shuffle=True):
     return dataset, sampler, loader
 
 
-def batches(loader, sampler, epoch, start_batch, bad_files):
+def batches(loader, sampler, epoch, start_batch, bad_files, source):
     """Endless (epoch, position, wav, lengths): position = batches of this epoch consumed after this one.
 
     A file that passed the scan but fails to decode is named, added to `bad_files` and left out
     of its batch (never a crash inside a worker, never silent); an empty batch is passed over.
+    An epoch in which no file decoded at all stops the run (it would otherwise loop forever).
     """
     while True:
         sampler.set_epoch(epoch, start_batch=start_batch)
+        yielded = False
         for position, (wav, lengths, bad) in enumerate(loader, start=start_batch + 1):
             for f in bad:
                 if f.path not in bad_files:
                     print(f"warning: left out undecodable audio: {f.reason}", flush=True)
                 bad_files[f.path] = f.reason
             if len(lengths):
+                yielded = True
                 yield epoch, position, wav, lengths
+        if not yielded and start_batch == 0:
+            raise SystemExit(f"error: --data {source}: no audio file could be decoded in a whole epoch "
+                             f"({len(bad_files)} file(s) failed, e.g. {next(iter(bad_files.values()), '?')}); "
+                             "the headers were readable, the audio is not")
         epoch, start_batch = epoch + 1, 0
 
 
@@ -793,7 +871,7 @@ def train(run):
     a validation loss every --val_every, a checkpoint every --save_every and at the end."""
     args = run.args
     bad_files = {}  # path -> reason, files that failed to decode during training
-    stream = batches(run.loader, run.sampler, run.epoch, run.position, bad_files)
+    stream = batches(run.loader, run.sampler, run.epoch, run.position, bad_files, args.data)
     log_file = open(os.path.join(args.out, "train_log.jsonl"), "a") if run.rank == 0 else None
     t_log, audio_s, sums, since_log = time.time(), 0.0, {}, 0
     while run.step < args.max_steps:

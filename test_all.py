@@ -1674,8 +1674,7 @@ def _dt_assert_same_tree(a, b, where="ckpt"):
 
 
 def _dt_message(excinfo):
-    e = excinfo.value
-    return str(e.code) if isinstance(e, SystemExit) else str(e)
+    return str(excinfo.value)  # a distill.FlagError's str is its message (its code is 2)
 
 
 # ----------------------------------------------------------------------------- overfitting one batch
@@ -1828,6 +1827,46 @@ def test_distill_flag_errors():
                                       "--conv_layers=[(64,400,320)]", "--target_layers=1,2"])
     assert args.overrides == dict(dim=64, reuse="none", fused_attention=False, dropout=0.25,
                                   conv_layers=[(64, 400, 320)], target_layers=(1, 2))
+
+
+# every numeric flag of distill.py with a value it refuses, and a --method that uses the flag
+_DT_BAD_FLAGS = [
+    ("armhubert", ["--accum", "0"]), ("armhubert", ["--max_steps", "0"]), ("armhubert", ["--keep", "0"]),
+    ("armhubert", ["--warmup", "2"]), ("armhubert", ["--mask_prob", "1.5"]), ("armhubert", ["--batch_seconds", "0"]),
+    ("armhubert", ["--lr", "-1"]), ("armhubert", ["--lr", "nan"]), ("armhubert", ["--save_every", "0"]),
+    ("armhubert", ["--val_every", "-5"]), ("armhubert", ["--clip", "-1"]), ("armhubert", ["--val_batches", "0"]),
+    ("armhubert", ["--max_seconds", "0.01"]), ("armhubert", ["--workers", "-1"]), ("armhubert", ["--betas", "0.9", "1.5"]),
+    ("armhubert", ["--eps", "0"]), ("armhubert", ["--weight_decay", "-0.1"]), ("armhubert", ["--log_every", "0"]),
+    ("armhubert", ["--seed", "-1"]), ("armhubert", ["--mask_length", "0"]), ("armhubert", ["--mask_min_space", "-1"]),
+    ("armhubert", ["--mask_min_masks", "-1"]), ("armhubert", ["--mask_same_rows", "-1"]),
+    ("armhubert", ["--layer_weight", "-1"]), ("armhubert", ["--last_layer_weight", "-1"]),
+    ("colld", ["--colld_negatives", "0"]), ("colld", ["--colld_temperature", "0"]), ("colld", ["--colld_l1_weight", "-1"]),
+    ("distilhubert", ["--cos_weight", "-1"]),
+    # flags of another method's objective would be ignored: refused
+    ("distilhubert", ["--mask_prob", "0.5"]), ("armhubert", ["--colld_negatives", "10"]),
+    ("colld", ["--gen_feed", "self"]), ("gendistiller", ["--layer_weight", "0.5"]),
+]
+
+
+@pytest.mark.parametrize("method,flag", _DT_BAD_FLAGS, ids=[" ".join(f) for _, f in _DT_BAD_FLAGS])
+def test_distill_every_numeric_flag_is_checked_when_parsed(method, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        distill.parse_args(["--method", method, "--data", "synthetic"] + flag)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag[0] in err[0] and flag[-1] in err[0], err
+
+
+def test_distill_flag_table_covers_every_numeric_flag():
+    numeric = {a.dest for a in distill.build_parser()._actions if a.type in (int, float)}
+    assert numeric <= set(distill.FLAG_RANGES), numeric - set(distill.FLAG_RANGES)
+    assert {f[0][2:] for _, f in _DT_BAD_FLAGS} >= set(distill.FLAG_RANGES)
+
+
+def test_distill_bad_flag_exits_2_with_one_line_and_no_traceback():
+    proc = subprocess.run([sys.executable, "distill.py", "--method", "armhubert", "--data", "synthetic",
+                           "--save_every", "0"], cwd=_DT_DIR, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "distill.py: error: --save_every 0: expected >= 1"
 
 
 def test_distill_refuses_a_student_its_method_cannot_feed(tiny_teacher):
@@ -2133,6 +2172,22 @@ def test_distill_undecodable_file_is_named_and_left_out(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "u1.flac" in printed and "1 undecodable file(s) left out" in printed
     assert os.path.exists(os.path.join(out, "ckpt-00000003.pt"))
+
+
+def test_distill_data_that_never_decodes_stops_naming_the_folder(tmp_path):
+    # every file passes the header scan but none decodes: the run must stop, not loop forever
+    root = tmp_path / "corpus"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        path = root / f"u{i}.flac"
+        sf.write(str(path), (0.1 * rng.standard_normal(16000)).astype(np.float32), 16000)
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 3:] = b"\xff" * (len(raw) - len(raw) // 3)
+        path.write_bytes(bytes(raw))
+    with pytest.raises(SystemExit, match=r"--data .*corpus.*3 file\(s\) failed"):
+        distill.main(["--method", "distilhubert", "--teacher", "tiny", "--data", str(root), "--batch_seconds", "2",
+                      "--max_steps", "3", "--workers", "0", "--out", str(tmp_path / "run")])
 
 
 def test_recipe_crops_follow_s3prl_and_the_official_code():
