@@ -23,6 +23,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -226,7 +227,9 @@ def build_parser():
     g.add_argument("--gen_feed", default=None, choices=["teacher", "self"],
                    help="GenDistiller history during training: teacher forcing or its own predictions (free-running)")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/default", help="output directory (checkpoints, train_log.jsonl)")
+    g.add_argument("--out", default=None,
+                   help="output directory (checkpoints, train_log.jsonl); default runs/METHOD-TEACHER. A folder that "
+                        "already holds a run is refused unless --resume is given")
     g.add_argument("--resume", default=None,
                    help="'auto' (newest complete checkpoint in --out, or start fresh) or a checkpoint path")
     g.add_argument("--seed", type=int, default=0, help="seed of init, data order, crops, masks, dropout")
@@ -303,6 +306,9 @@ def parse_args(argv=None):
             setattr(args, name, value)
     args.betas = tuple(args.betas)
     args.teacher_final_norm = args.teacher_final_norm == "true"
+    if args.out is None:  # each method and teacher its own folder: the quick-start runs do not overwrite each other
+        teacher = os.path.splitext(os.path.basename(args.teacher.rstrip("/")))[0]
+        args.out = os.path.join("runs", f"{args.method}-{re.sub(r'[^A-Za-z0-9._-]', '_', teacher)}")
     for name, (ok, allowed) in FLAG_RANGES.items():
         value = getattr(args, name)
         finite = all(math.isfinite(v) for v in (value if isinstance(value, tuple) else [value]) if v is not None)
@@ -473,6 +479,11 @@ def find_resume(args):
     if args.resume != "auto":
         if not os.path.isfile(args.resume):
             raise SystemExit(f"error: --resume {args.resume}: no such file")
+        try:
+            torch.load(args.resume, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # truncated or not a torch file: name it
+            raise SystemExit(f"error: --resume {args.resume}: cannot be read as a checkpoint ({type(e).__name__}: "
+                             f"{str(e)[:200]}); it may be truncated. --resume auto picks the newest complete one")
         return args.resume
     for path in reversed(checkpoint_paths(args.out)):
         try:
@@ -498,7 +509,9 @@ def check_resumable(ckpt, path, args, cfg, world):
         problems.append(f"written by {len(ckpt['position'])} process(es), resumed with {world}")
     # flags added in 2026-12: a checkpoint without them ran with these values
     legacy = dict(mask_same_rows=0, target_norm="none", teacher_final_norm=False)
-    for name in ("max_steps", "lr", "warmup", "accum", "batch_seconds", "seed", "max_seconds", "mask_prob",
+    if args.max_steps < ckpt["step"]:
+        problems.append(f"--max_steps {args.max_steps} is below the checkpoint's step {ckpt['step']}")
+    for name in ("lr", "warmup", "accum", "batch_seconds", "seed", "max_seconds", "mask_prob",
                  "mask_same_rows", "target_norm", "teacher_final_norm"):
         old = ckpt["args"].get(name, legacy.get(name, getattr(args, name)))
         if old != getattr(args, name):
@@ -518,8 +531,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_output_dir(out, student):
-    """Fail before training if --out is unwritable or the disk cannot hold two checkpoints."""
+def check_output_dir(out, student, resume):
+    """Fail before training if --out holds another run (unless --resume continues it), is unwritable,
+    or the disk cannot hold two checkpoints."""
+    held = checkpoint_paths(out) + [p for p in [os.path.join(out, "train_log.jsonl")] if os.path.exists(p)]
+    if held and resume is None:
+        raise SystemExit(f"error: --out {out} already holds a run ({', '.join(os.path.basename(p) for p in held[-3:])}"
+                         f"{', ...' if len(held) > 3 else ''}); continue it with --resume auto (a larger --max_steps "
+                         "extends it), or choose another --out")
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write_test.{os.getpid()}")
@@ -699,7 +718,7 @@ def setup(args):
         # every rank built the same initial weights from args.seed; from here on each rank draws
         # its own dropout noise (rank 0 keeps exactly the stream of a single-process run)
         torch.manual_seed(args.seed + rank)
-    check_output_dir(args.out, raw)
+    check_output_dir(args.out, raw, args.resume)
     if rank == 0:  # partial files of a run killed mid-save: never loaded, safe to delete
         for stale in glob.glob(os.path.join(args.out, "ckpt-*.pt.tmp.*")):
             os.remove(stale)
@@ -754,6 +773,13 @@ def resume(run):
     run.step, run.epoch, run.position = ckpt["step"], ckpt["epoch"], ckpt["position"][run.rank]
     set_rng_state(ckpt["rng"][run.rank])
     run.say(f"resumed from {path} at step {run.step} (epoch {run.epoch}, batch {run.position})")
+    old_max = ckpt["args"].get("max_steps", run.args.max_steps)
+    if old_max != run.args.max_steps:
+        # note: a continuation, not an exact resume: the schedule is the one of the new length
+        before = argparse.Namespace(**{**vars(run.args), "max_steps": old_max})
+        run.say(f"  --max_steps {old_max} -> {run.args.max_steps}: the learning-rate schedule is recomputed for "
+                f"{run.args.max_steps} steps (lr at step {run.step}: {lr_at(run.step, before):.2e} -> "
+                f"{lr_at(run.step, run.args):.2e}); data order, masks and RNG continue exactly")
 
 
 def optimizer_state_for(opt_state, saved_names, student):
@@ -866,13 +892,38 @@ def save_checkpoint(run):
         dist.barrier()
 
 
+def open_log(run):
+    """OUT/train_log.jsonl, one JSON object per line: first {"run": method, teacher, flags, student
+    config}, then one row per progress line and one per validation. A resumed run drops the rows
+    after its checkpoint's step (they are logged again), so each step keeps one row."""
+    args, path = run.args, os.path.join(run.args.out, "train_log.jsonl")
+    if run.step == 0:  # a fresh run (an old log here had no checkpoint to resume: it started over)
+        with open(path, "w") as f:
+            f.write(json.dumps({"run": {"method": args.method, "teacher": args.teacher, "student": args.student,
+                                        "processes": run.world, "config": dataclasses.asdict(run.raw.cfg),
+                                        "args": {k: v for k, v in vars(args).items()
+                                                 if isinstance(v, (int, float, str, bool, type(None), tuple))}}}) + "\n")
+    elif os.path.exists(path):
+        rows = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # the last line of a run killed mid-write
+                    pass
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= run.step)
+        os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
 def train(run):
     """Steps until --max_steps: a progress line every --log_every steps (and a train_log.jsonl row),
     a validation loss every --val_every, a checkpoint every --save_every and at the end."""
     args = run.args
     bad_files = {}  # path -> reason, files that failed to decode during training
     stream = batches(run.loader, run.sampler, run.epoch, run.position, bad_files, args.data)
-    log_file = open(os.path.join(args.out, "train_log.jsonl"), "a") if run.rank == 0 else None
+    log_file = open_log(run) if run.rank == 0 else None
     t_log, audio_s, sums, since_log = time.time(), 0.0, {}, 0
     while run.step < args.max_steps:
         lr = lr_at(run.step, args)

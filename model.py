@@ -760,7 +760,11 @@ def build_student(preset_or_cfg, teacher=None, overrides=None, copy_weights=True
 
 def load_student(path, device="cpu"):
     """A student (eval mode) from a distill.py checkpoint: the config travels with the weights."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types
+        raise ValueError(f"{path}: not a distill.py checkpoint: it cannot be read as a torch file "
+                         f"({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(ckpt, dict) or "config" not in ckpt or "student" not in ckpt:
         raise ValueError(f"{path}: not a distill.py checkpoint (expected keys 'config' and 'student')")
     student, _ = build_student(config_from_dict(ckpt["config"]))

@@ -1869,6 +1869,68 @@ def test_distill_bad_flag_exits_2_with_one_line_and_no_traceback():
     assert proc.returncode == 2 and proc.stderr.strip() == "distill.py: error: --save_every 0: expected >= 1"
 
 
+def test_distill_runs_do_not_overwrite_each_other(tmp_path, monkeypatch):
+    # the quick-start commands get a folder each; a folder holding a run needs --resume
+    outs = {distill.parse_args(["--method", m, "--teacher", "tiny", "--data", "synthetic"]).out for m in distill.RECIPES}
+    assert outs == {os.path.join("runs", f"{m}-tiny") for m in distill.RECIPES}
+    assert distill.parse_args(["--method", "colld", "--teacher", "/x/y/teacher.pt", "--data", "d"]).out == \
+        os.path.join("runs", "colld-teacher")
+    out = str(tmp_path / "run")
+    argv = ["--method", "armhubert", "--max_steps", "2", "--save_every", "2", "--workers", "0", "--out", out] \
+        + _DT_RUN + _DT_SMALL
+    distill.main(argv)
+    with pytest.raises(SystemExit, match=r"already holds a run .*ckpt-00000002.pt.*--resume auto"):
+        distill.main(argv)
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        first = json.loads(f.readline())
+    assert first["run"]["method"] == "armhubert" and first["run"]["config"]["dim"] == 32
+    assert first["run"]["args"]["max_steps"] == 2 and first["run"]["processes"] == 1
+
+
+def test_distill_resume_keeps_one_log_row_per_step_and_extends_a_finished_run(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--method", "distilhubert", "--max_steps", "4", "--save_every", "2", "--log_every", "1",
+            "--workers", "0", "--out", out] + _DT_RUN[:-2]
+    original = distill.lr_at
+
+    def stop_at_3(step, args):  # killed after step 3 was logged; the newest checkpoint is step 2's
+        if step == 3:
+            raise _DtStop()
+        return original(step, args)
+
+    with monkeypatch.context() as m:
+        m.setattr(distill, "lr_at", stop_at_3)
+        with pytest.raises(_DtStop):
+            distill.main(argv)
+    distill.main(argv + ["--resume", "auto"])
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert "run" in rows[0] and [r["step"] for r in rows[1:]] == [1, 2, 3, 4]
+    # a finished run continues with a larger --max_steps; the schedule is the new one
+    capsys.readouterr()
+    distill.main(argv[:2] + ["--max_steps", "6"] + argv[4:] + ["--resume", "auto"])
+    printed = capsys.readouterr().out
+    assert "--max_steps 4 -> 6: the learning-rate schedule is recomputed" in printed
+    assert os.path.exists(os.path.join(out, "ckpt-00000006.pt"))
+    with pytest.raises(SystemExit, match="below the checkpoint's step 6"):
+        distill.main(argv[:2] + ["--max_steps", "5"] + argv[4:] + ["--resume", "auto"])
+
+
+def test_distill_broken_resume_file_and_student_file_are_named(tmp_path):
+    good = tmp_path / "run"
+    argv = ["--method", "distilhubert", "--max_steps", "1", "--workers", "0", "--out", str(good)] + _DT_RUN
+    distill.main(argv)
+    ckpt = good / "ckpt-00000001.pt"
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ckpt.read_bytes()[:5000])
+    with pytest.raises(SystemExit, match=r"--resume .*cut.pt: cannot be read as a checkpoint"):
+        distill.main(argv[:6] + ["--out", str(tmp_path / "other"), "--resume", str(cut)] + _DT_RUN)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    with pytest.raises(ValueError, match=r"noise.pt: not a distill.py checkpoint: it cannot be read"):
+        model.load_student(str(noise))
+
+
 def test_distill_refuses_a_student_its_method_cannot_feed(tiny_teacher):
     # the METHODS table says what each step feeds the student: a generator needs GenDistiller's step,
     # a masked step needs a mask embedding; ARMHuBERT-only fields are refused on the generator
