@@ -19,6 +19,7 @@ Examples:
 import argparse
 import contextlib
 import dataclasses
+import gc
 import glob
 import json
 import math
@@ -962,12 +963,18 @@ def train(run):
 
 def main(argv=None):
     args = parse_args(argv)
+    run = None
     try:
-        train(setup(args))
+        run = setup(args)
+        train(run)
     finally:
-        # subtle: a process that exits with the gloo/NCCL process group alive can abort in C++
-        # ("terminate called without an active exception") when its threads are torn down; the group
-        # is destroyed on every way out (the end, an error, a SystemExit)
+        # subtle: a process whose gloo process group is still alive when the interpreter shuts down can
+        # abort in C++ ("terminate called without an active exception", SIGABRT) as gloo's threads are
+        # torn down. destroy_process_group alone is not enough: the DDP wrapper's reducer keeps the group
+        # alive until the wrapper is freed. So, on every way out: drop the wrapper, collect it, destroy.
+        if run is not None:
+            run.student = run.raw = run.optimizer = None
+        gc.collect()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
