@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import random
 import resource
@@ -676,12 +677,29 @@ def add_probe_command(sub):
     g.add_argument("--out", default=None, help="write the result JSON here")
 
 
+# What every numeric flag of `probe` allows: (test, the words of the error).
+PROBE_RANGES = {
+    "steps": (lambda v: v >= 1, ">= 1"), "eval_every": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"), "extract_batch": (lambda v: v >= 1, ">= 1"),
+    "train_limit": (lambda v: v >= 0, ">= 0 (0 = all)"), "dev_limit": (lambda v: v >= 0, ">= 0 (0 = all)"),
+    "test_limit": (lambda v: v >= 0, ">= 0 (0 = all)"), "lr": (lambda v: v > 0, "> 0"),
+    "clip": (lambda v: v >= 0, ">= 0 (0 = off)"), "max_cache_gb": (lambda v: v > 0, "> 0"),
+    "seed": (lambda v: v >= 0, ">= 0"), "threads": (lambda v: v >= 0, ">= 0 (0 = torch's default)"),
+}
+
+
+def check_ranges(p, args, ranges):
+    """Refuse a numeric flag outside its range (and NaN, inf): one line naming flag, value and range."""
+    for name, (ok, allowed) in ranges.items():
+        value = getattr(args, name)
+        if not (math.isfinite(value) and ok(value)):
+            p.error(f"--{name} {value}: expected {allowed}")
+
+
 def check_probe_args(p, args):
     if args.unit == "phone" and not args.lexicon:
         p.error("--unit phone needs --lexicon FILE")
-    for flag in ("steps", "eval_every", "batch_size", "extract_batch"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} {getattr(args, flag)}: expected a positive integer")
+    check_ranges(p, args, PROBE_RANGES)
 
 
 # ----------------------------------------------------------------------------
@@ -1001,9 +1019,15 @@ def add_speed_command(sub):
                          "same rounds, and print our speed-up over it row by row (CPU, fp32)")
 
 
+SPEED_RANGES = {
+    "seconds": (lambda v: v * data.SAMPLE_RATE >= data.MIN_SAMPLES, f">= {data.MIN_SAMPLES / data.SAMPLE_RATE} s (one frame)"),
+    "batch": (lambda v: v >= 1, ">= 1"), "repeats": (lambda v: v >= 1, ">= 1"), "warmup": (lambda v: v >= 0, ">= 0"),
+    "seed": (lambda v: v >= 0, ">= 0"), "threads": (lambda v: v >= 0, ">= 0 (0 = torch's default)"),
+}
+
+
 def check_speed_args(p, args):
-    if args.repeats < 1 or args.batch < 1:
-        p.error(f"--repeats {args.repeats} / --batch {args.batch}: expected positive integers")
+    check_ranges(p, args, SPEED_RANGES)
 
 
 # ----------------------------------------------------------------------------
@@ -1011,8 +1035,15 @@ def check_speed_args(p, args):
 # ----------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that an error is one line (exit status 2; the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     add_probe_command(sub)
     add_speed_command(sub)

@@ -997,6 +997,11 @@ def load_teacher(name_or_path, device="cpu"):
             raise ValueError(f"--teacher {name_or_path}: unknown checkpoint format (top-level keys {keys}); "
                              "expected {'config','state_dict'} (torchaudio), {'model_cfg','model_weight'} "
                              "(s3prl-converted) or {'cfg','model'} (fairseq)")
+    elif "shared/bench" in name_or_path.replace("\\", "/"):
+        raise ValueError(f"--teacher {name_or_path}: no such file. The benchmark kit (../shared/bench) is not part "
+                         "of a clone of this repository; see the README's 'Proof on speech' for where it comes from")
+    elif os.sep in name_or_path or name_or_path.endswith((".pt", ".pth", ".ckpt")):
+        raise ValueError(f"--teacher {name_or_path}: no such file")
     else:
         raise ValueError(f"--teacher {name_or_path!r}: not a file, not 'tiny' and not a bundle name "
                          f"(bundles: {', '.join(BUNDLES)})")

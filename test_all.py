@@ -1931,6 +1931,27 @@ def test_distill_broken_resume_file_and_student_file_are_named(tmp_path):
         model.load_student(str(noise))
 
 
+def test_readme_student_snippet_runs_as_written(tmp_path, monkeypatch):
+    # the README's "Using a distilled student in your code" block, after a quick-start-like armhubert run
+    text = open(os.path.join(_DT_DIR, "README.md")).read()
+    block = text.split("### Using a distilled student in your code", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    distill.main(["--method", "armhubert", "--max_steps", "60", "--save_every", "60", "--workers", "0",
+                  "--log_every", "60"] + _DT_RUN[:-2] + _DT_SMALL)  # default --out: runs/armhubert-tiny
+    monkeypatch.syspath_prepend(_DT_DIR)
+    proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=_DT_DIR))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("4 torch.Size([2, "), proc.stdout
+
+
+def test_model_missing_kit_teacher_says_where_the_kit_comes_from():
+    with pytest.raises(ValueError, match=r"benchmark kit .* not part of a clone"):
+        model.load_teacher("../shared/bench/teacher.pt_missing")
+    with pytest.raises(ValueError, match=r"nothere\.pt: no such file"):
+        model.load_teacher("nothere.pt")
+
+
 def test_distill_refuses_a_student_its_method_cannot_feed(tiny_teacher):
     # the METHODS table says what each step feeds the student: a generator needs GenDistiller's step,
     # a masked step needs a mask embedding; ARMHuBERT-only fields are refused on the generator
@@ -2566,6 +2587,34 @@ def test_probe_flag_errors(corpus, tmp_path):
         ev.parse_args(["probe", "--upstream", "tiny", "--train", "a", "--dev", "b", "--test", "c"])
     with pytest.raises(FileNotFoundError, match="--dev"):
         ev.main(probe_argv(corpus, tmp_path / "x.json", "--dev", str(tmp_path / "nowhere")))
+
+
+_EV_PROBE = ["probe", "--upstream", "tiny", "--train", "a", "--dev", "b", "--test", "c", "--lexicon", "l"]
+_EV_BAD_FLAGS = [(_EV_PROBE, [f"--{name}", value]) for name, value in [
+    ("steps", "0"), ("eval_every", "0"), ("batch_size", "0"), ("extract_batch", "0"), ("train_limit", "-1"),
+    ("dev_limit", "-1"), ("test_limit", "-1"), ("lr", "0"), ("lr", "nan"), ("clip", "-1"), ("max_cache_gb", "0"),
+    ("seed", "-1"), ("threads", "-1")]] + [(["speed"], [f"--{name}", value]) for name, value in [
+    ("seconds", "0.01"), ("batch", "0"), ("repeats", "0"), ("warmup", "-1"), ("seed", "-1"), ("threads", "-2")]]
+
+
+@pytest.mark.parametrize("base,flag", _EV_BAD_FLAGS, ids=[" ".join(b[:1] + f) for b, f in _EV_BAD_FLAGS])
+def test_eval_every_numeric_flag_is_checked_when_parsed(base, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(base + flag)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag[0]} {flag[1]}" in err[0], err
+
+
+def test_eval_flag_tables_cover_every_numeric_flag():
+    p = ev.argparse.ArgumentParser()
+    sub = p.add_subparsers()
+    for add, ranges in ((ev.add_probe_command, ev.PROBE_RANGES), (ev.add_speed_command, ev.SPEED_RANGES)):
+        parser = add(sub) or list(sub.choices.values())[-1]
+        numeric = {a.dest for a in parser._actions if a.type in (int, float)}
+        assert numeric <= set(ranges), numeric - set(ranges)
+    tested = {(b[0], f[0][2:]) for b, f in _EV_BAD_FLAGS}
+    assert tested >= {("probe", n) for n in ev.PROBE_RANGES} | {("speed", n) for n in ev.SPEED_RANGES}
 
 
 def test_speed_prints_table(capsys, tmp_path):
