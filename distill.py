@@ -111,6 +111,13 @@ class FlagError(SystemExit):
         return self.message
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except a None one: the recipe or METHOD_FLAG_DEFAULTS fills it later."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, except that an error is one line (the usage is in --help) and a FlagError."""
 
@@ -162,7 +169,7 @@ def build_parser():
         prog="distill.py", description="Distil a speech SSL teacher into a compact student (DistilHuBERT, ARMHuBERT, CoLLD, "
                     "GenDistiller). Flags left unset take the --method's paper recipe. Student config fields "
                     "are set with --FIELD=VALUE (see model.StudentConfig), e.g. --dim=384 --reuse=none.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("what to distil")
     g.add_argument("--method", required=True, choices=list(RECIPES), help="objective, default student and recipe")
     g.add_argument("--teacher", default="hubert_base",
@@ -197,16 +204,17 @@ def build_parser():
                    help="skip (and count) a step whose loss or gradient is not finite instead of stopping")
     g = p.add_argument_group("masking (ARMHuBERT, CoLLD; fairseq compute_mask_indices semantics)")
     g.add_argument("--mask_prob", type=float, default=None, help="share of valid frames covered by spans")
-    g.add_argument("--mask_length", type=int, default=None, help="mean span length (frames; default 10)")
+    g.add_argument("--mask_length", type=int, default=None, help=f"mean span length (frames) (default {METHOD_FLAG_DEFAULTS['mask_length']})")
     g.add_argument("--mask_type", default=None, choices=["static", "uniform"],
                    help="span lengths: static = mask_length; uniform = 0..2*mask_length (official ARMHuBERT)")
-    g.add_argument("--mask_min_space", type=int, default=None, help="unmasked frames kept between spans (default 1)")
-    g.add_argument("--mask_min_masks", type=int, default=None, help="minimum spans per utterance (default 2)")
+    g.add_argument("--mask_min_space", type=int, default=None, help=f"unmasked frames kept between spans (default {METHOD_FLAG_DEFAULTS['mask_min_space']})")
+    g.add_argument("--mask_min_masks", type=int, default=None, help=f"minimum spans per utterance (default {METHOD_FLAG_DEFAULTS['mask_min_masks']})")
     g.add_argument("--mask_overlap", action="store_true", default=None,
                    help="allow spans to overlap (HuBERT) instead of no-overlap")
     g.add_argument("--mask_same_rows", type=int, default=None,
                    help="rows equalised to the same masked count, in length order (fairseq equalises the whole "
-                        "batch, which was the official 18 utterances per GPU); 0 = the whole batch")
+                        "batch, which was the official 18 utterances per GPU); 0 = the whole batch "
+                        f"(default {METHOD_FLAG_DEFAULTS['mask_same_rows']})")
     g = p.add_argument_group("teacher targets")
     g.add_argument("--target_norm", default="none", choices=["none", "layer_norm"],
                    help="layer_norm: normalise every teacher target per frame over its dimension, without "
@@ -214,19 +222,26 @@ def build_parser():
                         "none: the layers as they are (the papers, with post-LN HuBERT Base)")
     g.add_argument("--teacher_final_norm", default=None, choices=["true", "false"],
                    help="pre-LN teachers only: the last layer's target includes the encoder's final LayerNorm "
-                        "(true: s3prl hidden_states, transformers 4; false: fairseq/torchaudio extract_features "
-                        "and the official ARMHuBERT hooks). Default: true for distilhubert/gendistiller, false "
-                        "for armhubert/colld")
+                        "(true: s3prl hidden_states, transformers 4 hidden_states, 5 last_hidden_state; false: "
+                        "fairseq/torchaudio extract_features and the official ARMHuBERT hooks). Default: true for "
+                        "distilhubert/gendistiller, false for armhubert/colld")
     g = p.add_argument_group("method details (choices the papers leave open, SPEC)")
-    g.add_argument("--cos_weight", type=float, default=None, help="(default 1) " + "lambda of the -log sigmoid(cos) term (DistilHuBERT, GenDistiller)")
-    g.add_argument("--last_layer_weight", type=float, default=None, help="(default 1) " + "ARMHuBERT weight of the last layer")
-    g.add_argument("--layer_weight", type=float, default=None, help="(default 0.1) " + "ARMHuBERT weight of layers 1..L-1")
-    g.add_argument("--colld_negatives", type=int, default=None, help="(default 100) " + "CoLLD negatives per anchor (K)")
-    g.add_argument("--colld_temperature", type=float, default=None, help="(default 0.1) " + "CoLLD softmax temperature (tau)")
+    g.add_argument("--cos_weight", type=float, default=None,
+                   help=f"lambda of the -log sigmoid(cos) term (DistilHuBERT, GenDistiller) (default {METHOD_FLAG_DEFAULTS['cos_weight']})")
+    g.add_argument("--last_layer_weight", type=float, default=None,
+                   help=f"ARMHuBERT weight of the last layer (default {METHOD_FLAG_DEFAULTS['last_layer_weight']})")
+    g.add_argument("--layer_weight", type=float, default=None,
+                   help=f"ARMHuBERT weight of layers 1..L-1 (default {METHOD_FLAG_DEFAULTS['layer_weight']})")
+    g.add_argument("--colld_negatives", type=int, default=None,
+                   help=f"CoLLD negatives per anchor (K) (default {METHOD_FLAG_DEFAULTS['colld_negatives']})")
+    g.add_argument("--colld_temperature", type=float, default=None,
+                   help=f"CoLLD softmax temperature (tau) (default {METHOD_FLAG_DEFAULTS['colld_temperature']})")
     g.add_argument("--colld_include_unmasked", action="store_true", default=None, help="CoLLD: unmasked frames are anchors too")
-    g.add_argument("--colld_l1_weight", type=float, default=None, help="(default 0) " + "CoLLD: weight of an extra L1 regression term")
+    g.add_argument("--colld_l1_weight", type=float, default=None,
+                   help=f"CoLLD: weight of an extra L1 regression term (default {METHOD_FLAG_DEFAULTS['colld_l1_weight']})")
     g.add_argument("--gen_feed", default=None, choices=["teacher", "self"],
-                   help="GenDistiller history during training: teacher forcing or its own predictions (free-running)")
+                   help="GenDistiller history during training: teacher forcing or its own predictions (free-running) "
+                        f"(default {METHOD_FLAG_DEFAULTS['gen_feed']})")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None,
                    help="output directory (checkpoints, train_log.jsonl); default runs/METHOD-TEACHER. A folder that "

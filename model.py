@@ -9,15 +9,18 @@
   4. building a student: which teacher layer each output targets, fitting a preset to a
      teacher, the one builder (distill.py, eval.py and load_student use it), loading
   5. the frozen teacher: torchaudio bundles, torchaudio-format files, s3prl-converted and
-     fairseq checkpoints, random teachers (`tiny`), all through one code path
+     fairseq checkpoints (also as released, without fairseq), Hugging Face model folders,
+     random teachers (`tiny`), all through one code path
   6. initialisation from the teacher (DistilHuBERT copies its first layers)
   7. parameter and MAC counting, and the table printed by `python model.py`
+  8. export: a DistilHuBERT student as a Hugging Face HubertModel folder (`python model.py export-hf`)
 
 Frame counts and padding follow data.py's conventions: data.frame_count is the one frame
 formula, data.valid_frames (True on real frames) the one padding mask.
 
 Example:
     python model.py            # one row per preset: parameters, paper figure, MACs
+    python model.py export-hf runs/distilhubert-hubert_base/ckpt-00200000.pt distilhubert-hf/
 """
 import ast
 import math
@@ -934,7 +937,8 @@ class Teacher(nn.Module):
                 layers.append(x)  # layers[k-1] = output of block k
             if final_norm and self.config["encoder_layer_norm_first"]:
                 # pre-LN models apply one more LayerNorm after the last block (s3prl's hidden_states[L]
-                # and transformers 4 include it; extract_features and the official ARMHuBERT hooks do not)
+                # and transformers 4 include it, transformers 5 only in last_hidden_state; extract_features
+                # and the official ARMHuBERT hooks do not)
                 layers[-1] = encoder.transformer.layer_norm(layers[-1])
         return layers, frame_lengths
 
@@ -968,7 +972,8 @@ def teacher_from_checkpoint(ckpt, name="teacher"):
 
 
 def load_teacher(name_or_path, device="cpu"):
-    """A frozen Teacher from a bundle name, a checkpoint file or `tiny` (see module docstring)."""
+    """A frozen Teacher from a bundle name, `tiny`, a Hugging Face model folder or a checkpoint file
+    (torchaudio format, s3prl-converted, fairseq as released); see the README's Teachers section."""
     import os
 
     import torchaudio
@@ -980,23 +985,24 @@ def load_teacher(name_or_path, device="cpu"):
         bundle = getattr(torchaudio.pipelines, BUNDLES[name_or_path.lower()])
         # the weights download from torchaudio's server on first use (cached by torch.hub)
         ckpt = {"config": config, "state_dict": bundle._get_state_dict(None), "normalize_waveform": normalize}
+    elif os.path.isdir(name_or_path):
+        ckpt = hf_to_torchaudio(name_or_path)
     elif os.path.isfile(name_or_path):
-        try:
-            raw = torch.load(name_or_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors come in many types; re-raise with the file name
-            raise ValueError(f"--teacher {name_or_path}: cannot read as a torch checkpoint ({e})") from e
+        raw = read_checkpoint(name_or_path)
         if isinstance(raw, dict) and "config" in raw and "state_dict" in raw:  # torchaudio format
             ckpt = raw
         elif isinstance(raw, dict) and "model_weight" in raw and "model_cfg" in raw:  # s3prl-converted
             ckpt = fairseq_to_torchaudio(raw["model_weight"], raw["model_cfg"], raw.get("task_cfg"))
-        elif isinstance(raw, dict) and "model" in raw and "cfg" in raw:  # fairseq / WavLM original
+        elif isinstance(raw, dict) and "model" in raw and raw.get("cfg"):  # fairseq (hydra) / WavLM original
             cfg = raw["cfg"].get("model", raw["cfg"])
             ckpt = fairseq_to_torchaudio(raw["model"], cfg, raw["cfg"].get("task"))
+        elif isinstance(raw, dict) and "model" in raw and raw.get("args"):  # fairseq before hydra: an args namespace
+            ckpt = fairseq_to_torchaudio(raw["model"], raw["args"], raw["args"])
         else:
             keys = list(raw)[:10] if isinstance(raw, dict) else type(raw).__name__
             raise ValueError(f"--teacher {name_or_path}: unknown checkpoint format (top-level keys {keys}); "
                              "expected {'config','state_dict'} (torchaudio), {'model_cfg','model_weight'} "
-                             "(s3prl-converted) or {'cfg','model'} (fairseq)")
+                             "(s3prl-converted), {'cfg' or 'args','model'} (fairseq) or a Hugging Face folder")
     elif "shared/bench" in name_or_path.replace("\\", "/"):
         raise ValueError(f"--teacher {name_or_path}: no such file. The benchmark kit (../shared/bench) is not part "
                          "of a clone of this repository; see the README's 'Proof on speech' for where it comes from")
@@ -1075,6 +1081,15 @@ def parse_conv_layers(spec):
     return [tuple(c) for c in ev(ast.parse(spec, mode="eval"))]
 
 
+def pos_conv_keys(prefix):
+    """(pattern, torchaudio key) of the weight-normed positional conv under `prefix`: its gain and direction
+    by the old names (weight_g, weight_v) or the parametrization's (original0, original1), and its bias."""
+    t = "encoder.transformer.pos_conv_embed.conv."
+    return [(prefix + r"(?:weight_g|parametrizations\.weight\.original0)", t + "parametrizations.weight.original0"),
+            (prefix + r"(?:weight_v|parametrizations\.weight\.original1)", t + "parametrizations.weight.original1"),
+            (prefix + r"bias", t + "bias")]
+
+
 # fairseq (HuBERT / WavLM / wav2vec 2.0) key -> torchaudio key; first match wins.
 _L = r"encoder\.layers\.(\d+)\."
 _TL = r"encoder.transformer.layers.\1."
@@ -1084,11 +1099,7 @@ FAIRSEQ_TO_TORCHAUDIO = [
     (r"feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),  # group_norm mode
     (r"layer_norm\.(weight|bias)", r"encoder.feature_projection.layer_norm.\1"),
     (r"post_extract_proj\.(weight|bias)", r"encoder.feature_projection.projection.\1"),
-    (r"encoder\.pos_conv\.0\.(?:weight_g|parametrizations\.weight\.original0)",
-     r"encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original0"),
-    (r"encoder\.pos_conv\.0\.(?:weight_v|parametrizations\.weight\.original1)",
-     r"encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original1"),
-    (r"encoder\.pos_conv\.0\.bias", r"encoder.transformer.pos_conv_embed.conv.bias"),
+    *pos_conv_keys(r"encoder\.pos_conv\.0\."),
     (r"encoder\.layer_norm\.(weight|bias)", r"encoder.transformer.layer_norm.\1"),
     (_L + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)", _TL + r"attention.\2.\3"),
     (_L + r"self_attn\.relative_attention_bias\.weight", _TL + r"attention.rel_attn_embed.weight"),  # WavLM
@@ -1102,6 +1113,28 @@ FAIRSEQ_TO_TORCHAUDIO = [
 # Pre-training-only parameters a teacher does not need (HuBERT's label projection,
 # wav2vec 2.0's quantizer); mask_emb is kept separately.
 FAIRSEQ_DROPPED = re.compile(r"^(final_proj|label_embs_concat|label_embs|quantizer|project_q|project_inp|target_glu)\b")
+
+
+def rename_keys(weights, table):
+    """(state with each key renamed by the first matching (pattern, target) of `table`, unmatched keys)."""
+    state, unmapped = {}, []
+    for key, value in weights.items():
+        for pattern, target in table:
+            if re.fullmatch(pattern, key):
+                state[re.sub(pattern, target, key)] = value
+                break
+        else:
+            unmapped.append(key)
+    return state, unmapped
+
+
+def join_wavlm_qkv(state, num_layers):
+    """torchaudio's WavLM attention is an nn.MultiheadAttention: q, k, v become one in_proj (in place)."""
+    for i in range(num_layers):
+        p = f"encoder.transformer.layers.{i}.attention."
+        for kind in ("weight", "bias"):
+            state[f"{p}attention.in_proj_{kind}"] = torch.cat([state.pop(f"{p}{n}_proj.{kind}") for n in "qkv"])
+            state[f"{p}attention.out_proj.{kind}"] = state.pop(f"{p}out_proj.{kind}")  # in_proj: (3D, D) / (3D,)
 
 
 def fairseq_to_torchaudio(weights, cfg, task_cfg=None):
@@ -1127,29 +1160,208 @@ def fairseq_to_torchaudio(weights, cfg, task_cfg=None):
     if cfg.get("relative_position_embedding", False):  # WavLM
         config["encoder_num_buckets"] = cfg.get("num_buckets", 320)
         config["encoder_max_distance"] = cfg.get("max_distance", 800)
-    state, unmapped = {}, []
-    for key, value in weights.items():
-        if key == "mask_emb" or FAIRSEQ_DROPPED.match(key):
-            continue
-        for pattern, target in FAIRSEQ_TO_TORCHAUDIO:
-            if re.fullmatch(pattern, key):
-                state[re.sub(pattern, target, key)] = value
-                break
-        else:
-            unmapped.append(key)
+    state, unmapped = rename_keys({k: v for k, v in weights.items()
+                                   if k != "mask_emb" and not FAIRSEQ_DROPPED.match(k)}, FAIRSEQ_TO_TORCHAUDIO)
     if unmapped:
         raise ValueError(f"unknown fairseq keys ({len(unmapped)}), cannot map to torchaudio: {unmapped[:20]}")
     if "encoder_num_buckets" in config:
-        # torchaudio's WavLM attention is an nn.MultiheadAttention: q, k, v are one in_proj.
-        for i in range(config["encoder_num_layers"]):
-            p = f"encoder.transformer.layers.{i}.attention."
-            for kind in ("weight", "bias"):
-                qkv = [state.pop(f"{p}{n}_proj.{kind}") for n in ("q", "k", "v")]
-                state[f"{p}attention.in_proj_{kind}"] = torch.cat(qkv, 0)  # (3D, D) / (3D,)
-                state[f"{p}attention.out_proj.{kind}"] = state.pop(f"{p}out_proj.{kind}")
+        join_wavlm_qkv(state, config["encoder_num_layers"])
     normalize = bool(task_cfg.get("normalize", cfg.get("normalize", False)))
     return {"config": config, "state_dict": state, "mask_emb": weights.get("mask_emb"),
             "normalize_waveform": normalize}
+
+
+# Checkpoints as people keep them: fairseq files as released, Hugging Face model folders.
+
+
+class PickledObject:
+    """Stands in for a class a pickle names but this program does not import (argparse.Namespace,
+    omegaconf containers, fairseq enums): it keeps the constructor arguments and the state the
+    pickle gives it, and nothing of it runs. plain_data turns it into dicts, lists and strings."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def plain_data(x):
+    """PickledObjects (recursively) as plain data: an omegaconf container as its content, an omegaconf
+    value node as its value, a namespace as its attributes, an enum as its value."""
+    if isinstance(x, PickledObject):
+        state = x.state[0] if isinstance(x.state, tuple) and len(x.state) == 2 else x.state
+        if isinstance(state, dict):
+            if "_content" in state:  # omegaconf DictConfig / ListConfig (its _parent/_metadata point back up)
+                return plain_data(state["_content"])
+            if "_val" in state:  # omegaconf value node
+                return plain_data(state["_val"])
+            return {k: plain_data(v) for k, v in state.items()}  # argparse.Namespace and other plain objects
+        if state is None and len(x.args) == 1:  # an enum member, pickled as Class(value)
+            return plain_data(x.args[0])
+        return [plain_data(a) for a in x.args]
+    if isinstance(x, dict):
+        return {k: plain_data(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain_data(v) for v in x]
+    return x
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True; a file whose pickle names classes that this safe loader
+    refuses (a fairseq checkpoint as released: argparse.Namespace, omegaconf, fairseq enums) is read
+    again with each such class replaced by a PickledObject, so it loads without fairseq or omegaconf
+    and without running code from the pickle, with a warning that says so."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types
+        first = e
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:
+        raise ValueError(f"--teacher {path}: cannot read as a torch checkpoint ({first})") from e
+    stubs = [(type(n.rpartition(".")[2], (PickledObject,), {}), n) for n in names]
+    try:
+        with torch.serialization.safe_globals(stubs):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--teacher {path}: cannot read as a torch checkpoint ({first}); read again with "
+                         f"{', '.join(names)} as plain data, it still failed: {e}") from e
+    warnings.warn(f"{path}: its pickle names classes the safe loader refuses ({', '.join(names)}); they were read "
+                  "as plain data (dicts, lists, strings), without importing or running them")
+    return plain_data(raw)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file: an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        blob = f.read()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    data = memoryview(blob)[8 + n:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name}: dtype {info['dtype']} is not supported")
+        start, end = info["data_offsets"]
+        t = torch.frombuffer(bytearray(data[start:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]]) if end > start \
+            else torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        out[name] = t.reshape(info["shape"])
+    return out
+
+
+def write_safetensors(tensors, path):
+    """The inverse of read_safetensors (float32 and the other dtypes above), header padded to 8 bytes."""
+    import json
+    import struct
+
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        raw = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for c in chunks:
+            f.write(c)
+
+
+# Hugging Face (transformers) key -> torchaudio key, after the model prefix ("hubert.", "wav2vec2.",
+# "wavlm.") of a ...ForCTC folder is removed; first match wins. WavLM's q/k/v are joined below.
+HF_TO_TORCHAUDIO = [
+    (r"feature_extractor\.conv_layers\.(\d+)\.(conv|layer_norm)\.(weight|bias)",
+     r"feature_extractor.conv_layers.\1.\2.\3"),
+    (r"feature_projection\.(layer_norm|projection)\.(weight|bias)", r"encoder.feature_projection.\1.\2"),
+    *pos_conv_keys(r"encoder\.pos_conv_embed\.conv\."),
+    (r"encoder\.layer_norm\.(weight|bias)", r"encoder.transformer.layer_norm.\1"),
+    (r"encoder\.layers\.(\d+)\.(.+)", r"encoder.transformer.layers.\1.\2"),
+]
+HF_MODEL_TYPES = ("hubert", "wav2vec2", "wavlm")
+
+
+def hf_to_torchaudio(folder):
+    """A Hugging Face model folder (config.json + model.safetensors or pytorch_model.bin, as saved by
+    save_pretrained or downloaded from the Hub) of HuBERT, WavLM or wav2vec 2.0, post-LN (Base) or
+    "stable layer norm" pre-LN (Large), as the torchaudio-format dict. masked_spec_embed is kept as
+    the mask embedding; preprocessor_config.json's do_normalize says whether audio is standardised.
+    Teacher layer k then equals HF hidden_states[k] (for a pre-LN model with final_norm=True: HF
+    applies the encoder's last LayerNorm to hidden_states[L])."""
+    import json
+    import os
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--teacher {folder}: a folder without config.json (expected a Hugging Face model folder)")
+    with open(path) as f:
+        hf = json.load(f)
+    kind = hf.get("model_type")
+    if kind not in HF_MODEL_TYPES:
+        raise ValueError(f"--teacher {folder}: model_type {kind!r} in config.json; expected one of {HF_MODEL_TYPES}")
+    problems = [f"{k}={hf.get(k)!r}" for k, ok in [("hidden_act", "gelu"), ("feat_extract_activation", "gelu")]
+                if hf.get(k, ok) != ok]
+    if kind == "hubert" and not hf.get("feat_proj_layer_norm", True):
+        problems.append("feat_proj_layer_norm=False")
+    if hf.get("conv_pos_batch_norm"):
+        problems.append("conv_pos_batch_norm=True")
+    if problems:
+        raise ValueError(f"--teacher {folder}: {', '.join(problems)} in config.json has no torchaudio counterpart")
+    config = dict(
+        extractor_mode="group_norm" if hf.get("feat_extract_norm", "group") == "group" else "layer_norm",
+        extractor_conv_layer_config=[tuple(c) for c in zip(hf["conv_dim"], hf["conv_kernel"], hf["conv_stride"])],
+        extractor_conv_bias=bool(hf.get("conv_bias", False)), encoder_embed_dim=hf["hidden_size"],
+        encoder_projection_dropout=0.0, encoder_pos_conv_kernel=hf["num_conv_pos_embeddings"],
+        encoder_pos_conv_groups=hf["num_conv_pos_embedding_groups"], encoder_num_layers=hf["num_hidden_layers"],
+        encoder_num_heads=hf["num_attention_heads"], encoder_attention_dropout=0.0,
+        encoder_ff_interm_features=hf["intermediate_size"], encoder_ff_interm_dropout=0.0, encoder_dropout=0.0,
+        encoder_layer_norm_first=bool(hf.get("do_stable_layer_norm", False)), encoder_layer_drop=0.0,
+        aux_num_out=None)
+    if kind == "wavlm":
+        config.update(encoder_num_buckets=hf["num_buckets"], encoder_max_distance=hf["max_bucket_distance"])
+    files = [os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin")]
+    if os.path.isfile(files[0]):
+        weights = read_safetensors(files[0])
+    elif os.path.isfile(files[1]):
+        weights = torch.load(files[1], map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"--teacher {folder}: no model.safetensors or pytorch_model.bin (sharded checkpoints "
+                         "are not supported)")
+    weights = {re.sub(r"^(wav2vec2|hubert|wavlm)\.", "", k): v for k, v in weights.items()}  # ...ForCTC prefix
+    mask_emb = weights.get("masked_spec_embed")
+    # heads of ...ForCTC / ...ForPreTraining (lm_head, quantizer, project_q, ...) are not the teacher
+    state, unmapped = rename_keys({k: v for k, v in weights.items()
+                                   if k.startswith(("feature_extractor.", "feature_projection.", "encoder."))},
+                                  HF_TO_TORCHAUDIO)
+    if unmapped:
+        raise ValueError(f"--teacher {folder}: unknown Hugging Face keys ({len(unmapped)}): {unmapped[:20]}")
+    if kind == "wavlm":
+        join_wavlm_qkv(state, config["encoder_num_layers"])
+    normalize = False
+    pre = os.path.join(folder, "preprocessor_config.json")
+    if os.path.isfile(pre):
+        with open(pre) as f:
+            normalize = bool(json.load(f).get("do_normalize", False))
+    return {"config": config, "state_dict": state, "mask_emb": mask_emb, "normalize_waveform": normalize}
+
 
 
 # ----------------------------------------------------------------------------
@@ -1301,7 +1513,78 @@ HUBERT_BASE = StudentConfig(num_layers=12, head="per_layer", target_layers=tuple
 HUBERT_BASE_FAIRSEQ_EXTRA = 768 + (768 * 256 + 256) + 504 * 256
 
 
-def main():
+# ----------------------------------------------------------------------------
+# 8. Export: a DistilHuBERT student as a Hugging Face HubertModel folder
+#
+# The student is HuBERT's front end and first N post-LN layers, exactly HubertModel's computation,
+# so it leaves as a config.json + model.safetensors folder (as ntu-spml/distilhubert is published)
+# that transformers.HubertModel.from_pretrained loads; its hidden_states are our hidden_states
+# (transformer input, layer 1, ..., layer N; the prediction heads stay behind, as in the paper).
+# ----------------------------------------------------------------------------
+
+
+def export_hf(checkpoint, folder):
+    """Write the distill.py checkpoint of a DistilHuBERT student to `folder` as a HubertModel."""
+    import json
+    import os
+
+    student = load_student(checkpoint)
+    cfg = student.cfg
+    refuse = []
+    if cfg.head != "distilhubert":
+        refuse.append(f"head={cfg.head!r}: only DistilHuBERT students are HubertModels (ARMHuBERT's reuse layers "
+                      "have no query/key projections and HF attention always computes its own map; per-layer "
+                      "heads and GenDistiller's generator have no place in HubertModel)")
+    if cfg.reuse != "none" or cfg.official_reuse:
+        refuse.append("attention-map reuse, which HF attention does not do")
+    if cfg.layer_norm_first:
+        refuse.append("pre-LN layers (HubertModel's stable-layer-norm encoder ends in a LayerNorm this "
+                      "student has not)")
+    if not cfg.feature_projection:
+        refuse.append("no feature projection (HubertModel always has one)")
+    if refuse:
+        raise ValueError(f"{checkpoint}: cannot export to a Hugging Face HubertModel: " + "; ".join(refuse))
+    state = {k: v for k, v in student.state_dict().items() if not k.startswith("heads.")}  # heads dropped (SPEC 1)
+    out = {}
+    for key, value in state.items():
+        key = key.replace("front_end.conv_layers.", "feature_extractor.conv_layers.")
+        key = key.replace("front_end.feature_norm.", "feature_projection.layer_norm.")
+        key = key.replace("front_end.feature_proj.", "feature_projection.projection.")
+        pos = "front_end.pos_conv.parametrizations.weight."  # weight norm's gain and direction, HF's old names
+        key = key.replace(pos + "original0", "encoder.pos_conv_embed.conv.weight_g")
+        key = key.replace(pos + "original1", "encoder.pos_conv_embed.conv.weight_v")
+        key = key.replace("front_end.pos_conv.bias", "encoder.pos_conv_embed.conv.bias")
+        key = key.replace("front_end.pos_norm.", "encoder.layer_norm.")
+        key = re.sub(r"^layers\.(\d+)\.fc1\.", r"encoder.layers.\1.feed_forward.intermediate_dense.", key)
+        key = re.sub(r"^layers\.(\d+)\.fc2\.", r"encoder.layers.\1.feed_forward.output_dense.", key)
+        key = re.sub(r"^layers\.", "encoder.layers.", key)
+        out[key] = value
+    conv = [tuple(c) for c in cfg.conv_layers]
+    hf = {
+        "model_type": "hubert", "architectures": ["HubertModel"], "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.ffn_dim,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-5, "feat_extract_norm": "group" if cfg.conv_norm == "group_norm" else "layer",
+        "feat_extract_activation": "gelu", "feat_proj_layer_norm": True, "conv_pos_batch_norm": False,
+        "conv_dim": [c for c, _, _ in conv], "conv_kernel": [k for _, k, _ in conv],
+        "conv_stride": [s for _, _, s in conv], "conv_bias": cfg.conv_bias,
+        "num_conv_pos_embeddings": cfg.pos_conv_kernel, "num_conv_pos_embedding_groups": cfg.pos_conv_groups,
+        "do_stable_layer_norm": False, "hidden_dropout": cfg.dropout, "attention_dropout": cfg.attention_dropout,
+        "activation_dropout": cfg.activation_dropout, "feat_proj_dropout": 0.0, "final_dropout": 0.0,
+        "layerdrop": 0.0, "mask_time_prob": 0.0, "mask_feature_prob": 0.0, "apply_spec_augment": False,
+        "torch_dtype": "float32",
+    }
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:  # what the student's conv expects
+        json.dump({"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
+                   "padding_value": 0.0, "do_normalize": cfg.normalize_waveform, "return_attention_mask": False}, f,
+                  indent=2)
+    write_safetensors(out, os.path.join(folder, "model.safetensors"))
+    return folder
+
+
+def print_table():
     import torchaudio
 
     hubert = torchaudio.models.hubert_base()  # random weights: only the count is needed
@@ -1324,6 +1607,23 @@ def main():
               f"{100 * n / hubert_paper:>9.1f}%{100 * m / hubert_macs:>7.1f}%")
     print(f"{'hubert_base':<14}{hubert_params / 1e6:>11.2f}{hubert_paper / 1e6:>10.2f}  "
           f"{'torchaudio; paper=fairseq':<24}{hubert_macs / 1e9:>10.2f}{100 * hubert_params / hubert_paper:>9.1f}%{100.0:>7.1f}%")
+
+
+def main(argv=None):
+    """python model.py: the parameter / MAC table. python model.py export-hf CKPT FOLDER: export."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        return print_table()
+    if argv[0] == "export-hf" and len(argv) == 3:
+        try:
+            print(f"wrote {export_hf(argv[1], argv[2])} (transformers.HubertModel.from_pretrained loads it)")
+        except ValueError as e:
+            raise SystemExit(f"model.py export-hf: error: {e}")
+        return None
+    raise SystemExit("usage: python model.py                         (parameter / MAC table)\n"
+                     "       python model.py export-hf CKPT FOLDER    (a DistilHuBERT student as a HF HubertModel)")
 
 
 if __name__ == "__main__":

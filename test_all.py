@@ -816,6 +816,142 @@ def test_model_bundle_path_without_download(monkeypatch):
     assert len(layers) == 12 and layers[-1].shape == (1, 24, 768) and fl.tolist() == [24]
 
 
+# a fairseq checkpoint "as released": its pickle names argparse.Namespace, omegaconf-like containers and
+# an enum of a package that is not installed when it is loaded
+_MT_FAKE_FAIRSEQ = """
+import argparse, enum
+
+class Choice(enum.Enum):
+    DEFAULT = "default"
+
+class ValueNode:
+    def __init__(self, val, parent=None):
+        self._val, self._parent = val, parent
+
+class DictConfig:  # omegaconf's pickled layout: _content holds nodes, _parent points back up
+    def __init__(self, content, parent=None):
+        self._parent, self._metadata = parent, {"ref_type": "Any"}
+        self._content = {k: v if isinstance(v, DictConfig) else ValueNode(v, self) for k, v in content.items()}
+
+def namespace(**kw):
+    return argparse.Namespace(**kw)
+"""
+
+
+@pytest.mark.parametrize("layout", ["hydra_cfg", "args_namespace"])
+def test_model_raw_fairseq_checkpoint_loads_without_fairseq(layout, tmp_path):
+    torch.manual_seed(12)
+    ta = torchaudio.models.wav2vec2_model(**_MT_GN_CFG).eval()
+    s3prl, mask_emb = _mt_s3prl_file(tmp_path, ta, _MT_GN_CFG)
+    direct = torch.load(s3prl, weights_only=True)  # the same weights and config, as plain data
+    pkg = tmp_path / "fakefs"
+    pkg.mkdir()
+    (pkg / "fakefairseq_cfg.py").write_text(_MT_FAKE_FAIRSEQ)
+    sys.path.insert(0, str(pkg))
+    try:
+        import fakefairseq_cfg as fake
+        model_cfg = dict(direct["model_cfg"], extractor_mode=fake.Choice.DEFAULT)
+        if layout == "hydra_cfg":
+            ckpt = {"cfg": fake.DictConfig({"model": fake.DictConfig(model_cfg),
+                                            "task": fake.DictConfig({"normalize": False})}),
+                    "model": direct["model_weight"], "args": None}
+        else:
+            ckpt = {"args": fake.namespace(**model_cfg, normalize=False), "cfg": None, "model": direct["model_weight"]}
+        path = str(tmp_path / "hubert_as_released.pt")
+        torch.save(ckpt, path)
+    finally:
+        sys.path.remove(str(pkg))
+        sys.modules.pop("fakefairseq_cfg", None)
+    with pytest.raises(Exception):  # the safe loader alone refuses it
+        torch.load(path, weights_only=True)
+    with pytest.warns(UserWarning, match="read as plain data"):
+        teacher = model.load_teacher(path)
+    reference = model.load_teacher(s3prl)
+    assert torch.equal(teacher.mask_emb, mask_emb) and teacher.config == reference.config
+    for k, v in reference.model.state_dict().items():
+        assert torch.equal(teacher.model.state_dict()[k], v), k
+
+
+def _mt_hf_models():
+    """Random transformers models (the oracle) of the three families, small."""
+    import transformers
+
+    small = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                 conv_dim=[16] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
+                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, hidden_dropout=0.0,
+                 attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
+                 mask_time_prob=0.05)
+    return {
+        "hubert": transformers.HubertModel(transformers.HubertConfig(**small)),
+        "wavlm": transformers.WavLMModel(transformers.WavLMConfig(**small, num_buckets=16, max_bucket_distance=40)),
+        "wav2vec2_stable_layer_norm": transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(
+            **small, do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True)),
+    }
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_model_hugging_face_folders_load_as_teachers(weights, tmp_path):
+    pytest.importorskip("transformers")  # the oracle only; the project never imports it
+    torch.manual_seed(13)
+    wav, lengths = _mt_wav([4000, 4000], seed=14)
+    for name, hf in _mt_hf_models().items():
+        hf.eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        folder = tmp_path / f"{name}-{weights}"
+        if weights == "safetensors":
+            hf.save_pretrained(folder)
+        else:  # pytorch_model.bin: a torch-saved state dict beside config.json
+            hf.config.save_pretrained(folder)
+            torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+        teacher = model.load_teacher(str(folder))
+        with torch.no_grad():
+            out = hf(wav, output_hidden_states=True)
+            layers, _ = teacher(wav, lengths)
+            with_final_norm, _ = teacher(wav, lengths, final_norm=True)
+        assert torch.equal(teacher.mask_emb, hf.masked_spec_embed.detach()), name
+        assert len(layers) == len(out.hidden_states) - 1 == 3
+        for a, b in zip(layers, out.hidden_states[1:]):  # layer k = HF hidden_states[k]
+            _mt_close(a, b, atol=1e-4)
+        # a pre-LN model's final LayerNorm: in last_hidden_state (transformers 5 leaves hidden_states[L] raw)
+        _mt_close(with_final_norm[-1], out.last_hidden_state, atol=1e-4)
+
+
+def test_model_hugging_face_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="without config.json"):
+        model.load_teacher(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        model.load_teacher(str(tmp_path))
+
+
+def test_model_export_hf_round_trips_through_transformers(tiny_teacher, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(15)
+    student, _ = model.build_student("distilhubert", tiny_teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    student.eval()
+    ckpt = tmp_path / "student.pt"
+    torch.save({"config": model.config_to_dict(student.cfg), "student": student.state_dict()}, ckpt)
+    model.main(["export-hf", str(ckpt), str(tmp_path / "hf")])
+    hf = transformers.HubertModel.from_pretrained(str(tmp_path / "hf")).eval()
+    wav, lengths = _mt_wav([4000, 4000], seed=16)
+    with torch.no_grad():
+        ours, _ = student.hidden_states(wav, lengths)
+        theirs = hf(wav, output_hidden_states=True).hidden_states
+    assert len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs):
+        _mt_close(a, b, atol=1e-4)
+    # other presets: their attention is not HF's
+    arm = _mt_student(_mt_cfg("armhubert", tiny_teacher))
+    torch.save({"config": model.config_to_dict(arm.cfg), "student": arm.state_dict()}, tmp_path / "arm.pt")
+    with pytest.raises(SystemExit, match="only DistilHuBERT students"):
+        model.main(["export-hf", str(tmp_path / "arm.pt"), str(tmp_path / "no")])
+
+
 # ----------------------------------------------------------------------------- attention-map reuse
 
 def _mt_record_attention(monkeypatch):
