@@ -816,6 +816,13 @@ def test_model_bundle_path_without_download(monkeypatch):
     assert len(layers) == 12 and layers[-1].shape == (1, 24, 768) and fl.tolist() == [24]
 
 
+def test_model_missing_kit_teacher_says_where_the_kit_comes_from():
+    with pytest.raises(ValueError, match=r"benchmark kit .* not part of a clone"):
+        model.load_teacher("../shared/bench/teacher.pt_missing")
+    with pytest.raises(ValueError, match=r"nothere\.pt: no such file"):
+        model.load_teacher("nothere.pt")
+
+
 # a fairseq checkpoint "as released": its pickle names argparse.Namespace, omegaconf-like containers and
 # an enum of a package that is not installed when it is loaded
 _MT_FAKE_FAIRSEQ = """
@@ -2079,13 +2086,6 @@ def test_readme_student_snippet_runs_as_written(tmp_path, monkeypatch):
                           env=dict(os.environ, PYTHONPATH=_DT_DIR))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("4 torch.Size([2, "), proc.stdout
-
-
-def test_model_missing_kit_teacher_says_where_the_kit_comes_from():
-    with pytest.raises(ValueError, match=r"benchmark kit .* not part of a clone"):
-        model.load_teacher("../shared/bench/teacher.pt_missing")
-    with pytest.raises(ValueError, match=r"nothere\.pt: no such file"):
-        model.load_teacher("nothere.pt")
 
 
 def test_distill_refuses_a_student_its_method_cannot_feed(tiny_teacher):
