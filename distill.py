@@ -547,14 +547,17 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_output_dir(out, student, resume):
-    """Fail before training if --out holds another run (unless --resume continues it), is unwritable,
-    or the disk cannot hold two checkpoints."""
+def check_not_another_run(out, resume):
+    """Fail at once (before any teacher is loaded) if --out holds a run and --resume does not continue it."""
     held = checkpoint_paths(out) + [p for p in [os.path.join(out, "train_log.jsonl")] if os.path.exists(p)]
     if held and resume is None:
         raise SystemExit(f"error: --out {out} already holds a run ({', '.join(os.path.basename(p) for p in held[-3:])}"
                          f"{', ...' if len(held) > 3 else ''}); continue it with --resume auto (a larger --max_steps "
                          "extends it), or choose another --out")
+
+
+def check_output_dir(out, student):
+    """Fail before training if --out is unwritable or the disk cannot hold two checkpoints."""
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write_test.{os.getpid()}")
@@ -724,7 +727,8 @@ def build_student_for(args, teacher):
 
 
 def setup(args):
-    """Distributed init, teacher, student, output folder, data, optimizer, resume, in this order."""
+    """Output folder check, distributed init, teacher, student, data, optimizer, resume, in this order."""
+    check_not_another_run(args.out, args.resume)
     rank, world, device = setup_distributed(args)
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     teacher = model.load_teacher(args.teacher, device)
@@ -734,7 +738,7 @@ def setup(args):
         # every rank built the same initial weights from args.seed; from here on each rank draws
         # its own dropout noise (rank 0 keeps exactly the stream of a single-process run)
         torch.manual_seed(args.seed + rank)
-    check_output_dir(args.out, raw, args.resume)
+    check_output_dir(args.out, raw)
     if rank == 0:  # partial files of a run killed mid-save: never loaded, safe to delete
         for stale in glob.glob(os.path.join(args.out, "ckpt-*.pt.tmp.*")):
             os.remove(stale)
