@@ -28,6 +28,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -147,6 +148,15 @@ FLAG_RANGES = {
     "cos_weight": (lambda v: v >= 0, ">= 0"), "last_layer_weight": (lambda v: v >= 0, ">= 0"),
     "layer_weight": (lambda v: v >= 0, ">= 0"), "colld_temperature": (lambda v: v > 0, "> 0"),
     "colld_l1_weight": (lambda v: v >= 0, ">= 0"),
+}
+# The numeric student fields set with --FIELD=VALUE (model.StudentConfig), checked the same way.
+_DROPOUT = (lambda v: 0 <= v < 1, "a probability in [0, 1)")
+STUDENT_RANGES = {
+    "dim": _at_least(1), "ffn_dim": _at_least(1), "num_heads": _at_least(1), "num_layers": _at_least(1),
+    "pos_conv_kernel": _at_least(1), "pos_conv_groups": _at_least(1), "teacher_dim": _at_least(1),
+    "dropout": _DROPOUT, "attention_dropout": _DROPOUT, "reuse_attention_dropout": _DROPOUT,
+    "activation_dropout": _DROPOUT, "input_dropout": _DROPOUT,
+    "feature_grad_mult": (lambda v: v >= 0, ">= 0"),
 }
 # Flags of one method's objective: given with another --method they would be ignored, so they are refused.
 METHOD_FLAGS = {
@@ -285,6 +295,12 @@ def student_overrides(items, parser):
                 out[key] = value
         except ValueError as e:
             parser.error(f"--{key}={value}: {e} (type of {key}: {type(default).__name__})")
+        if key in STUDENT_RANGES:
+            ok, allowed = STUDENT_RANGES[key]
+            if not (math.isfinite(out[key]) and ok(out[key])):
+                parser.error(f"--{key}={value}: expected {allowed}")
+        if key == "conv_layers" and not (out[key] and all(c >= 1 and k >= 1 and s >= 1 for c, k, s in out[key])):
+            parser.error(f"--{key}={value}: expected (channels, kernel, stride) triples of integers >= 1")
     return out
 
 
@@ -488,6 +504,11 @@ def checkpoint_paths(out):
     return sorted(glob.glob(os.path.join(out, "ckpt-*.pt")))
 
 
+def checkpoint_step(path):
+    """The step in a checkpoint's name, ckpt-STEP.pt."""
+    return int(os.path.basename(path)[len("ckpt-"):-len(".pt")])
+
+
 def find_resume(args):
     """The checkpoint to resume from: --resume PATH, or the newest loadable one in --out for 'auto'."""
     if args.resume is None:
@@ -548,8 +569,14 @@ def set_rng_state(state):
 
 
 def check_not_another_run(out, resume):
-    """Fail at once (before any teacher is loaded) if --out holds a run and --resume does not continue it."""
+    """Fail at once (before any teacher is loaded) if --out holds a run and --resume does not continue
+    it: no --resume, or a --resume PATH from another folder (its run would write over this one's)."""
     held = checkpoint_paths(out) + [p for p in [os.path.join(out, "train_log.jsonl")] if os.path.exists(p)]
+    elsewhere = resume not in (None, "auto") and \
+        os.path.dirname(os.path.abspath(resume)) != os.path.abspath(out)
+    if held and elsewhere:
+        raise SystemExit(f"error: --resume {resume} is not in --out {out}, which holds another run; resume into "
+                         "an empty --out (or into the checkpoint's own folder)")
     if held and resume is None:
         raise SystemExit(f"error: --out {out} already holds a run ({', '.join(os.path.basename(p) for p in held[-3:])}"
                          f"{', ...' if len(held) > 3 else ''}); continue it with --resume auto (a larger --max_steps "
@@ -904,12 +931,20 @@ def save_checkpoint(run):
                      "position": [s["position"] for s in states], "rng": [s["rng"] for s in states],
                      "config": dataclasses.asdict(run.raw.cfg), "student": run.raw.state_dict(),
                      "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}},
+                     "args": {k: v for k, v in simple_args(args).items() if not isinstance(v, tuple)}},
                     os.path.join(args.out, f"ckpt-{run.step:08d}.pt"))
-        for old in checkpoint_paths(args.out)[:-args.keep]:
+        # keep the newest --keep up to this step; a checkpoint of a later step (from a run this one
+        # resumed before it) is never this run's to delete
+        mine = [p for p in checkpoint_paths(args.out) if checkpoint_step(p) <= run.step]
+        for old in mine[:-args.keep]:
             os.remove(old)
     if run.world > 1:
         dist.barrier()
+
+
+def simple_args(args):
+    """The flags as JSON-able values (for checkpoints and the log)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), tuple))}
 
 
 def open_log(run):
@@ -917,13 +952,12 @@ def open_log(run):
     config}, then one row per progress line and one per validation. A resumed run drops the rows
     after its checkpoint's step (they are logged again), so each step keeps one row."""
     args, path = run.args, os.path.join(run.args.out, "train_log.jsonl")
-    if run.step == 0:  # a fresh run (an old log here had no checkpoint to resume: it started over)
+    first = {"run": {"method": args.method, "teacher": args.teacher, "student": args.student, "processes": run.world,
+                     "config": dataclasses.asdict(run.raw.cfg), "args": simple_args(args)}}
+    if run.step == 0 or not os.path.exists(path):  # fresh (an old log here had no checkpoint: it started over)
         with open(path, "w") as f:
-            f.write(json.dumps({"run": {"method": args.method, "teacher": args.teacher, "student": args.student,
-                                        "processes": run.world, "config": dataclasses.asdict(run.raw.cfg),
-                                        "args": {k: v for k, v in vars(args).items()
-                                                 if isinstance(v, (int, float, str, bool, type(None), tuple))}}}) + "\n")
-    elif os.path.exists(path):
+            f.write(json.dumps(first) + "\n")
+    else:
         rows = []
         with open(path) as f:
             for line in f:
@@ -931,9 +965,14 @@ def open_log(run):
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:  # the last line of a run killed mid-write
                     pass
+        if not any("run" in r for r in rows):  # a log of an older version: the run row first
+            rows.insert(0, first)
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= run.step)
         os.replace(path + ".tmp", path)
+    if run.step > 0:  # a resume: say so in the log, with the flags it resumed with (--max_steps may have grown)
+        with open(path, "a") as f:
+            f.write(json.dumps({"resume": {"step": run.step, "args": simple_args(args)}}) + "\n")
     return open(path, "a")
 
 
@@ -993,6 +1032,8 @@ def main(argv=None):
         # alive until the wrapper is freed. So, on every way out: drop the wrapper, collect it, destroy.
         if run is not None:
             run.student = run.raw = run.optimizer = None
+        if sys.exc_info()[2] is not None:  # an error's frames hold the wrapper too (a forward's `student`)
+            traceback.clear_frames(sys.exc_info()[2])
         gc.collect()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

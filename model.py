@@ -1191,24 +1191,30 @@ class PickledObject:
         self.state = state
 
 
-def plain_data(x):
+def plain_data(x, _path=()):
     """PickledObjects (recursively) as plain data: an omegaconf container as its content, an omegaconf
-    value node as its value, a namespace as its attributes, an enum as its value."""
+    value node as its value, a namespace as its attributes, an enum as its value. A structure that
+    contains itself is refused."""
+    if isinstance(x, (PickledObject, dict, list, tuple)):
+        if id(x) in _path:
+            raise ValueError("a pickled config that contains itself cannot be read as plain data")
+        _path = _path + (id(x),)
+    plain = lambda v: plain_data(v, _path)  # noqa: E731
     if isinstance(x, PickledObject):
         state = x.state[0] if isinstance(x.state, tuple) and len(x.state) == 2 else x.state
         if isinstance(state, dict):
             if "_content" in state:  # omegaconf DictConfig / ListConfig (its _parent/_metadata point back up)
-                return plain_data(state["_content"])
+                return plain(state["_content"])
             if "_val" in state:  # omegaconf value node
-                return plain_data(state["_val"])
-            return {k: plain_data(v) for k, v in state.items()}  # argparse.Namespace and other plain objects
+                return plain(state["_val"])
+            return {k: plain(v) for k, v in state.items()}  # argparse.Namespace and other plain objects
         if state is None and len(x.args) == 1:  # an enum member, pickled as Class(value)
-            return plain_data(x.args[0])
-        return [plain_data(a) for a in x.args]
+            return plain(x.args[0])
+        return [plain(a) for a in x.args]
     if isinstance(x, dict):
-        return {k: plain_data(v) for k, v in x.items()}
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [plain_data(v) for v in x]
+        return [plain(v) for v in x]
     return x
 
 
@@ -1216,24 +1222,34 @@ def read_checkpoint(path):
     """torch.load with weights_only=True; a file whose pickle names classes that this safe loader
     refuses (a fairseq checkpoint as released: argparse.Namespace, omegaconf, fairseq enums) is read
     again with each such class replaced by a PickledObject, so it loads without fairseq or omegaconf
-    and without running code from the pickle, with a warning that says so."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types
-        first = e
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as e:
-        raise ValueError(f"--teacher {path}: cannot read as a torch checkpoint ({first})") from e
-    stubs = [(type(n.rpartition(".")[2], (PickledObject,), {}), n) for n in names]
-    try:
-        with torch.serialization.safe_globals(stubs):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--teacher {path}: cannot read as a torch checkpoint ({first}); read again with "
-                         f"{', '.join(names)} as plain data, it still failed: {e}") from e
-    warnings.warn(f"{path}: its pickle names classes the safe loader refuses ({', '.join(names)}); they were read "
-                  "as plain data (dicts, lists, strings), without importing or running them")
+    and without running code from the pickle, with a warning that says so. The refused names are
+    taken from the loader's own errors, one at a time, so both torch file formats (zip and the
+    legacy one of torch < 1.6) work."""
+    try:  # zip files list their globals up front; the loop below finds the rest one by one
+        stubs = [(type(n.rpartition(".")[2], (PickledObject,), {}), n)
+                 for n in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
+    except Exception:  # the legacy format, or not a torch file at all (the loop says which)
+        stubs = []
+    first = None
+    for _ in range(200):  # a checkpoint names a handful of classes
+        try:
+            with torch.serialization.safe_globals(stubs):
+                raw = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        except Exception as e:  # pickle errors come in many types
+            first = first or e
+            found = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
+            if not found or found.group(1) in [n for _, n in stubs]:
+                raise ValueError(f"--teacher {path}: cannot read as a torch checkpoint ({first})") from e
+            name = found.group(1)
+            stubs.append((type(name.rpartition(".")[2], (PickledObject,), {}), name))
+    else:
+        raise ValueError(f"--teacher {path}: its pickle names too many classes the safe loader refuses")
+    if not stubs:
+        return raw
+    names = ", ".join(n for _, n in stubs)
+    warnings.warn(f"{path}: its pickle names classes the safe loader refuses ({names}); they were read as plain "
+                  "data (dicts, lists, strings), without importing or running them")
     return plain_data(raw)
 
 
@@ -1248,6 +1264,10 @@ def read_safetensors(path):
     import json
     import struct
 
+    import sys
+
+    if sys.byteorder != "little":
+        raise ValueError(f"{path}: safetensors holds little-endian tensors; this machine is big-endian")
     with open(path, "rb") as f:
         blob = f.read()
     (n,) = struct.unpack("<Q", blob[:8])
@@ -1274,7 +1294,7 @@ def write_safetensors(tensors, path):
     names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
     for name, t in tensors.items():
-        raw = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
         offset += len(raw)
@@ -1304,8 +1324,8 @@ def hf_to_torchaudio(folder):
     save_pretrained or downloaded from the Hub) of HuBERT, WavLM or wav2vec 2.0, post-LN (Base) or
     "stable layer norm" pre-LN (Large), as the torchaudio-format dict. masked_spec_embed is kept as
     the mask embedding; preprocessor_config.json's do_normalize says whether audio is standardised.
-    Teacher layer k then equals HF hidden_states[k] (for a pre-LN model with final_norm=True: HF
-    applies the encoder's last LayerNorm to hidden_states[L])."""
+    Teacher layer k then equals HF hidden_states[k] (transformers 5; a pre-LN model's final LayerNorm
+    is in last_hidden_state only, which final_norm=True gives as the last layer)."""
     import json
     import os
 
@@ -1317,8 +1337,8 @@ def hf_to_torchaudio(folder):
     kind = hf.get("model_type")
     if kind not in HF_MODEL_TYPES:
         raise ValueError(f"--teacher {folder}: model_type {kind!r} in config.json; expected one of {HF_MODEL_TYPES}")
-    problems = [f"{k}={hf.get(k)!r}" for k, ok in [("hidden_act", "gelu"), ("feat_extract_activation", "gelu")]
-                if hf.get(k, ok) != ok]
+    problems = [f"{k}={hf.get(k)!r}" for k, ok in [("hidden_act", "gelu"), ("feat_extract_activation", "gelu"),
+                                                    ("layer_norm_eps", 1e-5)] if hf.get(k, ok) != ok]
     if kind == "hubert" and not hf.get("feat_proj_layer_norm", True):
         problems.append("feat_proj_layer_norm=False")
     if hf.get("conv_pos_batch_norm"):
@@ -1544,7 +1564,8 @@ def export_hf(checkpoint, folder):
         refuse.append("no feature projection (HubertModel always has one)")
     if refuse:
         raise ValueError(f"{checkpoint}: cannot export to a Hugging Face HubertModel: " + "; ".join(refuse))
-    state = {k: v for k, v in student.state_dict().items() if not k.startswith("heads.")}  # heads dropped (SPEC 1)
+    # the prediction heads are dropped (SPEC 1); a mask embedding has no use in an inference HubertModel
+    state = {k: v for k, v in student.state_dict().items() if not k.startswith(("heads.", "front_end.mask_emb"))}
     out = {}
     for key, value in state.items():
         key = key.replace("front_end.conv_layers.", "feature_extractor.conv_layers.")
@@ -1569,7 +1590,7 @@ def export_hf(checkpoint, folder):
         "conv_stride": [s for _, _, s in conv], "conv_bias": cfg.conv_bias,
         "num_conv_pos_embeddings": cfg.pos_conv_kernel, "num_conv_pos_embedding_groups": cfg.pos_conv_groups,
         "do_stable_layer_norm": False, "hidden_dropout": cfg.dropout, "attention_dropout": cfg.attention_dropout,
-        "activation_dropout": cfg.activation_dropout, "feat_proj_dropout": 0.0, "final_dropout": 0.0,
+        "activation_dropout": cfg.activation_dropout, "feat_proj_dropout": cfg.input_dropout, "final_dropout": 0.0,
         "layerdrop": 0.0, "mask_time_prob": 0.0, "mask_feature_prob": 0.0, "apply_spec_augment": False,
         "torch_dtype": "float32",
     }

@@ -8,6 +8,7 @@ attention, padded == single runs, DDP == one process, resumed == straight), hand
 values, overfitting one batch, masking statistics, the papers' parameter counts, and the
 documented errors.
 """
+import dataclasses
 from dataclasses import replace
 import glob
 import json
@@ -846,7 +847,8 @@ def namespace(**kw):
 
 
 @pytest.mark.parametrize("layout", ["hydra_cfg", "args_namespace"])
-def test_model_raw_fairseq_checkpoint_loads_without_fairseq(layout, tmp_path):
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy_format"])
+def test_model_raw_fairseq_checkpoint_loads_without_fairseq(layout, zipfile, tmp_path):
     torch.manual_seed(12)
     ta = torchaudio.models.wav2vec2_model(**_MT_GN_CFG).eval()
     s3prl, mask_emb = _mt_s3prl_file(tmp_path, ta, _MT_GN_CFG)
@@ -865,7 +867,7 @@ def test_model_raw_fairseq_checkpoint_loads_without_fairseq(layout, tmp_path):
         else:
             ckpt = {"args": fake.namespace(**model_cfg, normalize=False), "cfg": None, "model": direct["model_weight"]}
         path = str(tmp_path / "hubert_as_released.pt")
-        torch.save(ckpt, path)
+        torch.save(ckpt, path, _use_new_zipfile_serialization=zipfile)  # legacy: the format of torch < 1.6
     finally:
         sys.path.remove(str(pkg))
         sys.modules.pop("fakefairseq_cfg", None)
@@ -1988,6 +1990,10 @@ _DT_BAD_FLAGS = [
     # flags of another method's objective would be ignored: refused
     ("distilhubert", ["--mask_prob", "0.5"]), ("armhubert", ["--colld_negatives", "10"]),
     ("colld", ["--gen_feed", "self"]), ("gendistiller", ["--layer_weight", "0.5"]),
+    # student fields (--FIELD=VALUE)
+    ("armhubert", ["--dropout=1.5"]), ("armhubert", ["--num_layers=0"]), ("armhubert", ["--dim=-4"]),
+    ("armhubert", ["--pos_conv_kernel=0"]), ("armhubert", ["--feature_grad_mult=-1"]),
+    ("armhubert", ["--conv_layers=[(8,0,5)]"]),
 ]
 
 
@@ -2004,6 +2010,19 @@ def test_distill_flag_table_covers_every_numeric_flag():
     numeric = {a.dest for a in distill.build_parser()._actions if a.type in (int, float)}
     assert numeric <= set(distill.FLAG_RANGES), numeric - set(distill.FLAG_RANGES)
     assert {f[0][2:] for _, f in _DT_BAD_FLAGS} >= set(distill.FLAG_RANGES)
+    fields = {f.name for f in dataclasses.fields(model.StudentConfig) if f.type in (int, float)}
+    assert fields <= set(distill.STUDENT_RANGES), fields - set(distill.STUDENT_RANGES)
+
+
+def test_distill_keep_never_deletes_a_later_checkpoint_of_the_folder(tmp_path):
+    # resuming from an earlier checkpoint of the same folder: the later ones are not this run's to delete
+    out = str(tmp_path / "run")
+    argv = ["--method", "distilhubert", "--max_steps", "4", "--save_every", "1", "--keep", "5", "--workers", "0",
+            "--out", out] + _DT_RUN
+    distill.main(argv)
+    distill.main(["--method", "distilhubert", "--max_steps", "3", "--save_every", "1", "--keep", "1", "--workers", "0",
+                  "--out", out, "--resume", os.path.join(out, "ckpt-00000002.pt")] + _DT_RUN)
+    assert [os.path.basename(p) for p in _dt_ckpts(out)] == ["ckpt-00000003.pt", "ckpt-00000004.pt"]
 
 
 def test_distill_bad_flag_exits_2_with_one_line_and_no_traceback():
@@ -2048,13 +2067,21 @@ def test_distill_resume_keeps_one_log_row_per_step_and_extends_a_finished_run(tm
     distill.main(argv + ["--resume", "auto"])
     with open(os.path.join(out, "train_log.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert "run" in rows[0] and [r["step"] for r in rows[1:]] == [1, 2, 3, 4]
+    assert "run" in rows[0] and [r["step"] for r in rows if "step" in r] == [1, 2, 3, 4]
+    assert [r["resume"]["step"] for r in rows if "resume" in r] == [2]  # the resume is in the log
     # a finished run continues with a larger --max_steps; the schedule is the new one
     capsys.readouterr()
     distill.main(argv[:2] + ["--max_steps", "6"] + argv[4:] + ["--resume", "auto"])
     printed = capsys.readouterr().out
     assert "--max_steps 4 -> 6: the learning-rate schedule is recomputed" in printed
     assert os.path.exists(os.path.join(out, "ckpt-00000006.pt"))
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["resume"]["args"]["max_steps"] for r in rows if "resume" in r] == [4, 6]
+    # resuming from another folder into this one, which holds a run, would write over it: refused
+    with pytest.raises(SystemExit, match="is not in --out"):
+        distill.main(argv[:10] + ["--out", out, "--resume", str(tmp_path / "elsewhere" / "ckpt-00000002.pt")]
+                     + argv[12:])
     with pytest.raises(SystemExit, match="below the checkpoint's step 6"):
         distill.main(argv[:2] + ["--max_steps", "5"] + argv[4:] + ["--resume", "auto"])
 
@@ -2370,8 +2397,8 @@ def test_distill_resume_refuses_a_different_run(tmp_path):
     with pytest.raises(SystemExit, match=r"--target_norm none != layer_norm"):
         distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--target_norm", "layer_norm"])
     with pytest.raises(SystemExit, match="not a distill.py training checkpoint"):
-        torch.save({"x": torch.ones(1)}, str(tmp_path / "other.pt"))
-        distill.main(argv + ["--resume", str(tmp_path / "other.pt")])
+        torch.save({"x": torch.ones(1)}, os.path.join(out, "other.pt"))
+        distill.main(argv + ["--resume", os.path.join(out, "other.pt")])
 
 
 def test_distill_undecodable_file_is_named_and_left_out(tmp_path, capsys):
