@@ -677,21 +677,28 @@ def decayed(name, p):
     return p.ndim >= 2 and "original0" not in name and "slot_emb" not in name
 
 
+def decay_split(names, params):
+    """(decayed names, the other names), each in the order of `names`: AdamW's two groups."""
+    return [n for n in names if decayed(n, params[n])], [n for n in names if not decayed(n, params[n])]
+
+
 def optimizer_order(names, params):
     """Parameter names in AdamW's index order: the decayed group, then the rest (param_groups)."""
-    return [n for n in names if decayed(n, params[n])] + [n for n in names if not decayed(n, params[n])]
+    decay, rest = decay_split(names, params)
+    return decay + rest
 
 
 def param_groups(student, weight_decay):
     params = dict(student.named_parameters())
-    decay, rest = [n for n in params if decayed(n, params[n])], [n for n in params if not decayed(n, params[n])]
+    decay, rest = decay_split(list(params), params)
     return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
             {"params": [params[n] for n in rest], "weight_decay": 0.0}]
 
 
 def fast_optimizer_flags(device):
     """AdamW's fused kernel where torch has one (CPU, CUDA): the same update as the per-parameter
-    loop (tested within fp tolerance), 3x faster on a 26M-parameter student on CPU (README)."""
+    loop (tested within fp tolerance), in one kernel instead of one per parameter; on this
+    project's CPU it beat both the loop and foreach (a throwaway micro-benchmark, 2026-12)."""
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
 
