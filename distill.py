@@ -12,7 +12,7 @@ One file, read top to bottom (method reference: ../shared/SPEC.md):
      torchrun (DDP); the loop never branches on the method.
 
 Examples:
-    python distill.py --method gendistiller --teacher tiny --data synthetic      # ~1 min on CPU
+    python distill.py --method gendistiller      # offline quick start: tiny teacher, synthetic corpus, ~1 min on CPU
     python distill.py --method armhubert --teacher hubert_base --data /data/LibriSpeech/train-clean-100
     torchrun --nproc-per-node=4 distill.py --method distilhubert --teacher hubert_base --data /data/LibriSpeech
 """
@@ -95,6 +95,11 @@ PRESET_LR = {"maskhubert": 5e-4}
 # `--data synthetic` is the smoke test: unless given, these replace the paper recipe so a
 # run takes about a minute on a laptop CPU. Printed when applied.
 SMOKE = dict(max_steps=60, batch_seconds=8.0, accum=1, warmup=0.1, log_every=10, save_every=30, val_every=20)
+
+# `python distill.py --method M` with neither --teacher nor --data is the offline quick start:
+# the random `tiny` teacher on the synthetic corpus with the smoke settings above. With --data
+# alone the teacher is the papers' (HuBERT Base; a torchaudio bundle, downloaded once).
+PAPER_TEACHER = "hubert_base"
 
 # ----------------------------------------------------------------------------
 # 2. Command line
@@ -182,13 +187,15 @@ def build_parser():
         formatter_class=HelpFormatter)
     g = p.add_argument_group("what to distil")
     g.add_argument("--method", required=True, choices=list(RECIPES), help="objective, default student and recipe")
-    g.add_argument("--teacher", default="hubert_base",
+    g.add_argument("--teacher", default=None,
                    help="torchaudio bundle name (hubert_base, wavlm_base_plus, ...), a checkpoint file "
-                        "(torchaudio-format or s3prl-converted .pt) or 'tiny' (random, for smoke runs)")
+                        "(torchaudio-format or s3prl-converted .pt) or 'tiny' (random, for smoke runs); "
+                        f"default {PAPER_TEACHER} with --data, 'tiny' without (the quick start)")
     g.add_argument("--student", default=None, help=f"student preset ({', '.join(model.PRESETS)}); default: the method's")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, required=True,
-                   help="LibriSpeech-layout directory or any folder of .flac/.wav, or 'synthetic'")
+    g.add_argument("--data", default=None,
+                   help="LibriSpeech-layout directory or any folder of .flac/.wav, or 'synthetic'; "
+                        "without --data and --teacher: the offline quick start")
     g.add_argument("--val", default=None, help="held-out data (same forms as --data) for a validation loss")
     g.add_argument("--val_batches", type=int, default=8, help="validation batches (fixed, same every time)")
     g.add_argument("--batch_seconds", type=float, default=None, help="seconds of audio per process per micro-step")
@@ -309,6 +316,14 @@ def parse_args(argv=None):
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     args.overrides = student_overrides(rest, parser)
+    args.quick_start = args.teacher is None and args.data is None
+    if args.quick_start:
+        args.teacher, args.data = "tiny", "synthetic"
+    elif args.data is None:
+        parser.error(f"--teacher {args.teacher} needs --data: a LibriSpeech-layout folder, a folder of "
+                     ".flac/.wav, or 'synthetic'")
+    elif args.teacher is None:
+        args.teacher = PAPER_TEACHER
     recipe = RECIPES[args.method]
     args.student = args.student or recipe.student
     if args.student not in model.PRESETS:
@@ -1028,6 +1043,10 @@ def train(run):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.quick_start and int(os.environ.get("RANK", "0")) == 0:
+        print(f"quick start: the random 'tiny' teacher on a synthetic corpus, smoke settings; a smoke test, not a "
+              f"distillation. A real run: python distill.py --method {args.method} --teacher {PAPER_TEACHER} "
+              "--data /path/to/LibriSpeech/train-clean-100 --val /path/to/LibriSpeech/dev-clean", flush=True)
     run = None
     try:
         run = setup(args)

@@ -2031,6 +2031,29 @@ def test_distill_bad_flag_exits_2_with_one_line_and_no_traceback():
     assert proc.returncode == 2 and proc.stderr.strip() == "distill.py: error: --save_every 0: expected >= 1"
 
 
+def test_distill_bare_command_is_the_offline_quick_start(tmp_path, capsys):
+    # neither --teacher nor --data: the tiny teacher on the synthetic corpus with the smoke settings
+    for m in distill.RECIPES:
+        args = distill.parse_args(["--method", m])
+        assert (args.teacher, args.data, args.quick_start) == ("tiny", "synthetic", True)
+        assert args.max_steps == distill.SMOKE["max_steps"] and args.out == os.path.join("runs", f"{m}-tiny")
+    # --data alone: the papers' teacher; --teacher alone: one line naming --data
+    args = distill.parse_args(["--method", "gendistiller", "--data", "/data/LibriSpeech"])
+    assert (args.teacher, args.quick_start) == (distill.PAPER_TEACHER, False)
+    with pytest.raises(SystemExit) as e:
+        distill.parse_args(["--method", "gendistiller", "--teacher", "tiny"])
+    assert e.value.code == 2 and "--teacher tiny needs --data" in capsys.readouterr().err
+    # the command itself, as typed in a fresh clone (only shortened), offline: it says what it runs and
+    # how to run for real, then writes its run folder
+    proc = subprocess.run([sys.executable, os.path.join(_DT_DIR, "distill.py"), "--method", "gendistiller",
+                           "--max_steps", "2", "--workers", "0"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("quick start:") and "--teacher hubert_base --data /path/to/LibriSpeech" in first
+    assert os.path.exists(tmp_path / "runs" / "gendistiller-tiny" / "ckpt-00000002.pt")
+
+
 def test_distill_runs_do_not_overwrite_each_other(tmp_path, monkeypatch):
     # the quick-start commands get a folder each; a folder holding a run needs --resume
     outs = {distill.parse_args(["--method", m, "--teacher", "tiny", "--data", "synthetic"]).out for m in distill.RECIPES}
