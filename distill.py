@@ -68,10 +68,12 @@ class Recipe:
 
 RECIPES = {
     # DistilHuBERT (SPEC 1): batch 24 utterances (~295 s), 200k steps, lr 2e-4, 7 % warm-up, clip 5.
+    # Weight decay 0.01: s3prl's distiller builds its AdamW with AdamW_with_schedule's parameter groups,
+    # 0.01 on every parameter whose name lacks "bias" (as ARMHuBERT's below; see param_groups).
     # s3prl crops utterances to 250,000 samples (15.625 s, pretrain/distiller config sequence_length)
     # and reads teacher layers as its HuBERT upstream's hidden_states, whose last entry is the
     # encoder output, after the final LayerNorm of a pre-LN teacher.
-    "distilhubert": Recipe("distilhubert", 2e-4, (0.9, 0.98), 1e-6, 0.0, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
+    "distilhubert": Recipe("distilhubert", 2e-4, (0.9, 0.98), 1e-6, 0.01, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
                            max_seconds=15.625, teacher_final_norm=True, source="DistilHuBERT paper / s3prl config"),
     # ARMHuBERT (SPEC 2): 144 utterances per update (~1770 s) = 18 per GPU x 2 GPUs x accumulation 4
     # in the official 960 h config, here 8 micro-steps of ~221 s; 200 epochs = 1953 updates x 200.
@@ -86,7 +88,7 @@ RECIPES = {
     "colld": Recipe("colld", 5e-4, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 200_000, 221.0, 8, 0.8,
                     source="choice (no public recipe)"),
     # GenDistiller (SPEC 4): no public recipe. choice: the DistilHuBERT recipe it compares to.
-    "gendistiller": Recipe("gendistiller", 2e-4, (0.9, 0.98), 1e-6, 0.0, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
+    "gendistiller": Recipe("gendistiller", 2e-4, (0.9, 0.98), 1e-6, 0.01, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
                            max_seconds=15.625, teacher_final_norm=True, source="choice: DistilHuBERT's recipe"),
 }
 # SPEC 2: MaskHuBERT (no reuse) trains with lr 5e-4 instead of ARMHuBERT's 5e-3.
@@ -162,6 +164,8 @@ STUDENT_RANGES = {
     "dropout": _DROPOUT, "attention_dropout": _DROPOUT, "reuse_attention_dropout": _DROPOUT,
     "activation_dropout": _DROPOUT, "input_dropout": _DROPOUT,
     "feature_grad_mult": (lambda v: v >= 0, ">= 0"),
+    "rel_pos_buckets": (lambda v: v == 0 or (v >= 4 and v % 2 == 0), "0 (no WavLM bias) or an even number >= 4"),
+    "rel_pos_max_distance": _at_least(1),
 }
 # Flags of one method's objective: given with another --method they would be ignored, so they are refused.
 METHOD_FLAGS = {
@@ -415,10 +419,11 @@ def step_distilhubert(args, teacher, student, wav, lengths, seeds):
 
 def step_gendistiller(args, teacher, student, wav, lengths, seeds):
     """GenDistiller (SPEC 4): teacher forcing feeds the true layers l_1..l_{K-1} as history
-    (--gen_feed teacher); --gen_feed self runs the generator free; DistilHuBERT's loss on each output."""
+    (--gen_feed teacher); --gen_feed self runs the generator free; DistilHuBERT's loss on each output.
+    Validation (eval mode) always runs free, as the deployed model does."""
     layers, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
     targets = losses.teacher_targets(layers, unwrap(student).cfg.target_layers, args.target_norm)
-    history = targets[:-1] if args.gen_feed == "teacher" else None
+    history = targets[:-1] if args.gen_feed == "teacher" and student.training else None
     preds, _ = student(wav, lengths, history=history)
     return losses.gendistiller_loss(preds, targets, frame_lengths, args.cos_weight)
 
@@ -546,6 +551,12 @@ def find_resume(args):
     return None
 
 
+# The flags a resumed run may change (README: Training); every other flag, teacher and data included,
+# must be the run's own.
+RESUME_MAY_CHANGE = ("max_steps", "resume", "out", "workers", "device", "log_every", "save_every", "val_every",
+                     "val", "val_batches", "keep", "skip_nonfinite")
+
+
 def check_resumable(ckpt, path, args, cfg, world):
     """Refuse to resume a checkpoint of another run: every mismatch is named."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != 1:
@@ -563,11 +574,12 @@ def check_resumable(ckpt, path, args, cfg, world):
     legacy = dict(mask_same_rows=0, target_norm="none", teacher_final_norm=False)
     if args.max_steps < ckpt["step"]:
         problems.append(f"--max_steps {args.max_steps} is below the checkpoint's step {ckpt['step']}")
-    for name in ("lr", "warmup", "accum", "batch_seconds", "seed", "max_seconds", "mask_prob",
-                 "mask_same_rows", "target_norm", "teacher_final_norm"):
-        old = ckpt["args"].get(name, legacy.get(name, getattr(args, name)))
-        if old != getattr(args, name):
-            problems.append(f"--{name} {old} != {getattr(args, name)}")
+    for name, value in simple_args(args).items():
+        if name in RESUME_MAY_CHANGE or isinstance(value, tuple):  # tuples (betas) are not in checkpoints
+            continue
+        old = ckpt["args"].get(name, legacy.get(name, value))  # a flag newer than the checkpoint: accepted
+        if old != value:
+            problems.append(f"--{name} {old} != {value}")
     if problems:
         raise SystemExit(f"error: --resume {path} belongs to a different run: {'; '.join(problems)}. "
                          "Resume with the same flags, or use a fresh --out.")

@@ -777,7 +777,7 @@ def speed_rows(args, device, teacher, wav, lengths, only=None):
         name = f"distill step {method}"
         if not want(name):
             continue
-        # "--data synthetic" only satisfies the required flag; the batch here is our own
+        # the recipe of the method; "--data synthetic" is never read (the batch here is our own)
         d_args = distill.parse_args(["--method", method, "--data", "synthetic", "--seed", str(args.seed)])
         student, _ = distill.build_student_for(d_args, teacher)
         student = student.to(device).train()

@@ -9,11 +9,11 @@ layers phi(l) the student's outputs target, optionally layer-normalised per fram
   sungnyun/ARMHuBERT; SPEC section 2): `masking_distillation_loss`
     L = sum_l w_l * sum_{t valid} e_l[t] / N_valid,
     e_l[t] = mean_d (p_l[t] - (M[t] ? t_l[t] : t~_l[t]))^2
-- CoLLD contrastive layer-to-layer distillation (arXiv 2309.07707, Sec. 2; no public code,
-  every detail below is a choice listed in SPEC section 3): `colld_loss`
+- CoLLD contrastive layer-to-layer distillation (Chang et al., arXiv 2309.07707; its abstract
+  only, no public code: every detail below is a choice listed in SPEC section 3): `colld_loss`
     L = 1/|L| sum_l mean_{anchors} -log softmax([cos(z,t+), cos(z,t-_1..K)] / tau)[0]
-- GenDistiller (arXiv 2310.13418; SPEC section 4): `gendistiller_loss` (DistilHuBERT loss
-  on each generated layer).
+- GenDistiller (Gao et al., arXiv 2310.13418 and 2406.09444; SPEC section 4): `gendistiller_loss`
+  (choice: the DistilHuBERT loss on each generated layer; the abstracts do not name a loss).
 
 Conventions (SPEC section 0): every loss averages over valid frames only, i.e. frames
 t < frame_lengths[b]; values in padded frames never reach a loss. (s3prl's DistilHuBERT and

@@ -3,9 +3,10 @@
   1. conventions: layer index, the conv front end both teacher and student run        SPEC 0
   2. the student, the subject of the papers: one config, a front end, the transformer with
      ARMHuBERT's attention-map reuse (Recycle-and-Distill, Jang et al. 2023), the presets  SPEC 1-3
-  3. heads and the GenDistiller generator (Gao et al. 2023): DistilHuBERT's shared + split
+  3. heads and the GenDistiller generator (Gao et al. 2023, 2024): DistilHuBERT's shared + split
      heads, per-layer heads (ARMHuBERT, CoLLD), and a generator that emits the teacher's
      layers one after another, causal across layers and bidirectional across time      SPEC 1-4
+     (student layers are WavLM layers, gated relative position bias, when copied from WavLM)
   4. building a student: which teacher layer each output targets, fitting a preset to a
      teacher, the one builder (distill.py, eval.py and load_student use it), loading
   5. the frozen teacher: torchaudio bundles, torchaudio-format files, s3prl-converted and
@@ -116,6 +117,14 @@ def conv_front_end(blocks, wav, lengths):
 # Everything else is a wav2vec 2.0 / HuBERT encoder: conv front end, feature projection,
 # convolutional positional embedding, post-LN (or pre-LN) blocks. DistilHuBERT and CoLLD
 # students are the same network without reuse; GenDistiller shares the front end (section 3).
+#
+# WavLM layers (Chen et al. 2022, arXiv 2110.13900, "gated relative position bias"), used when a
+# student copies a WavLM teacher's layers:
+#   A = softmax(q k^T / sqrt(d_h) + g(x) * r(t' - t)),  per head,
+#   r: one learned value per head and bucket of the offset t' - t (the first layer's embedding,
+#      handed to every layer), buckets exact for small offsets, log-spaced up to max_distance;
+#   g(x) = a (b c - 1) + 2, (a, b) = sigmoid of sums of W_g x_h (x_h: the layer input's head slice),
+#      c a learned constant per head: each layer gates the shared bias by its own input.
 # ----------------------------------------------------------------------------
 
 # ARMHuBERT's conv (official code): narrower, the 1x1 convs only change channel counts, so
@@ -158,11 +167,20 @@ class StudentConfig:
     # kaiming-normal conv kernels; "pytorch": nn defaults there (this project before 2026-12); the
     # positional conv and mask embedding keep their fairseq inits in both
     init: str = "bert"
+    # WavLM's gated relative position bias (section 2): buckets of the first layer's relative position
+    # embedding (0 = none, HuBERT / wav2vec 2.0; WavLM: 320) and the distance of the last bucket (800 frames).
+    # fit_to_teacher sets them when a teacher-initialised student copies a WavLM teacher.
+    rel_pos_buckets: int = 0
+    rel_pos_max_distance: int = 800
     fused_attention: bool = True  # scaled_dot_product_attention where no map is needed; False = explicit path
     official_reuse: bool = False  # re-apply softmax to the reused map like the official code (to load its checkpoints)
     # heads (section 3): "distilhubert" (shared + split heads on the last layer), "per_layer" (one
     # Linear per layer), "generator" (GenDistiller: the layers run as a generator over K slots x T frames)
     head: str = "per_layer"
+    # GenDistiller (section 3): the earlier slots a slot may attend to: "all" (2310.13418's two-dimensional
+    # attention, causal over layers) or "previous" (2406.09444: "takes the previous hidden layer as history";
+    # per block, so a generator of N blocks reaches N slots back)
+    gen_history: str = "all"
     teacher_dim: int = 768
     target_layers: Tuple[int, ...] = ()  # teacher layer (1-based) predicted by each output; set by fit_to_teacher
     init_from_teacher: bool = False  # copy conv, projection, pos conv and the first layers from the teacher
@@ -265,7 +283,8 @@ class SelfAttention(nn.Module):
       `need_attn` (the next layer reuses it), else None.
     """
 
-    def __init__(self, dim, num_heads, dropout, reuse=False, fused=True, official_reuse=False):
+    def __init__(self, dim, num_heads, dropout, reuse=False, fused=True, official_reuse=False,
+                 rel_pos_buckets=0, rel_pos_max_distance=800, first=False):
         super().__init__()
         assert dim % num_heads == 0, f"dim {dim} is not divisible by num_heads {num_heads}"
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -276,11 +295,41 @@ class SelfAttention(nn.Module):
             self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
+        # WavLM (section header): the first layer owns r, every layer its gate W_g (Dh -> 8) and c.
+        # Names as torchaudio's, so init_from_teacher copies them by name.
+        self.rel_pos_buckets, self.rel_pos_max_distance = rel_pos_buckets, rel_pos_max_distance
+        self.rel_attn_embed = nn.Embedding(rel_pos_buckets, num_heads) if rel_pos_buckets and first else None
+        if rel_pos_buckets:
+            self.gru_rel_pos_linear = nn.Linear(self.head_dim, 8)
+            self.gru_rel_pos_const = nn.Parameter(torch.ones(1, num_heads, 1, 1))
 
-    def forward(self, x, allowed, prev_attn=None, need_attn=False, cache=None):
+    def relative_bias(self, q_times, k_times):
+        """WavLM's r (H, Tq, Tk) for query frames q_times (Tq,) and key frames k_times (Tk,) (first layer only).
+        Buckets: n/2 per direction (offset <= 0, offset > 0); within one, exact below n/4 frames, then
+        log-spaced so that max_distance frames reaches the last bucket."""
+        offset = k_times[None, :] - q_times[:, None]  # (Tq, Tk): t' - t
+        half = self.rel_pos_buckets // 2
+        exact, dist = half // 2, offset.abs()
+        far = exact + (torch.log(dist.float() / exact) / math.log(self.rel_pos_max_distance / exact)
+                       * (half - exact)).long()  # log(0) is never selected below
+        bucket = torch.where(dist < exact, dist, far.clamp(max=half - 1)) + (offset > 0).long() * half
+        return self.rel_attn_embed(bucket).permute(2, 0, 1)  # (H, Tq, Tk)
+
+    def gated_bias(self, x, bias):
+        """g(x) * r: (B, H, T, Tk) for this layer's input x (B, T, D) and the shared r (H, T, Tk)."""
+        B, T, _ = x.shape
+        H = self.num_heads
+        g = self.gru_rel_pos_linear(x.view(B, T, H, self.head_dim))  # (B, T, H, 8)
+        a, b = torch.sigmoid(g.view(B, T, H, 2, 4).sum(-1)).unbind(-1)  # (B, T, H) each
+        gate = a * (b * self.gru_rel_pos_const.view(H) - 1.0) + 2.0  # (B, T, H)
+        return gate.transpose(1, 2)[..., None] * bias  # (B, H, T, 1) * (H, T, Tk) -> (B, H, T, Tk)
+
+    def forward(self, x, allowed, prev_attn=None, need_attn=False, cache=None, bias=None):
         B, T, D = x.shape
         H, Dh = self.num_heads, self.head_dim
         p = self.dropout if self.training else 0.0
+        if bias is not None:  # WavLM: the mask becomes additive, g(x) * r on allowed keys
+            allowed = self.gated_bias(x, bias).masked_fill(~allowed, torch.finfo(x.dtype).min)  # (B, H, T, Tk)
         v = self.v_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
         if self.reuse:
             # Recycle-and-Distill: A_l = A_{l-1}, the previous layer's softmax probabilities for the
@@ -306,7 +355,10 @@ class SelfAttention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # (B, H, T, Dh)
                 return self.out_proj(out.transpose(1, 2).reshape(B, T, D)), None
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(Dh)  # (B, H, T, T')
-            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            if allowed.dtype == torch.bool:
+                scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            else:  # WavLM's additive mask (above)
+                scores = scores + allowed
             attn = scores.softmax(dim=-1)  # (B, H, T, T'), each row sums to 1 over allowed keys
         # dropout acts on a copy; the map handed to the next (reuse) layer is the clean, pre-dropout
         # probability (the paper says "the attention map"; the official code hands on the pre-dropout one)
@@ -332,11 +384,11 @@ class TransformerLayer(nn.Module):
     """A wav2vec 2.0 / HuBERT encoder block, post-LN (Base) or pre-LN (Large). `cfg` is a StudentConfig
     or a GeneratorConfig (sizes, dropouts, layer order); `attention_dropout` is this layer's own."""
 
-    def __init__(self, cfg, attention_dropout, reuse=False, official_reuse=False):
+    def __init__(self, cfg, attention_dropout, reuse=False, official_reuse=False, first=False):
         super().__init__()
         self.layer_norm_first = cfg.layer_norm_first
-        self.attention = SelfAttention(cfg.dim, cfg.num_heads, attention_dropout, reuse,
-                                       cfg.fused_attention, official_reuse)
+        self.attention = SelfAttention(cfg.dim, cfg.num_heads, attention_dropout, reuse, cfg.fused_attention,
+                                       official_reuse, cfg.rel_pos_buckets, cfg.rel_pos_max_distance, first)
         self.layer_norm = nn.LayerNorm(cfg.dim)  # after attention (post-LN) / before it (pre-LN)
         self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim)
@@ -347,11 +399,11 @@ class TransformerLayer(nn.Module):
         x = dropout(F.gelu(self.fc1(x)), self.activation_dropout, self.training)  # (B, T, F)
         return dropout(self.fc2(x), self.dropout, self.training)  # (B, T, D)
 
-    def forward(self, x, allowed, prev_attn=None, need_attn=False, cache=None):
+    def forward(self, x, allowed, prev_attn=None, need_attn=False, cache=None, bias=None):
         residual = x
         if self.layer_norm_first:
             x = self.layer_norm(x)
-        x, attn = self.attention(x, allowed, prev_attn, need_attn, cache)
+        x, attn = self.attention(x, allowed, prev_attn, need_attn, cache, bias)
         x = residual + dropout(x, self.dropout, self.training)
         if self.layer_norm_first:
             x = x + self.ffn(self.final_layer_norm(x))
@@ -411,7 +463,17 @@ def reuse_pattern(cfg):
     (0-based odd i); with "none", none."""
     if cfg.reuse not in ("none", "alternate"):
         raise ValueError(f"reuse={cfg.reuse!r}: expected 'none' or 'alternate'")
+    if cfg.reuse != "none" and cfg.rel_pos_buckets:
+        raise ValueError("reuse='alternate' with WavLM layers (rel_pos_buckets > 0): a reused map has no "
+                         "position bias of its own; set --reuse=none or --rel_pos_buckets=0")
     return [cfg.reuse == "alternate" and i % 2 == 1 for i in range(cfg.num_layers)]
+
+
+def position_bias(layers, q_times, k_times):
+    """WavLM: the first layer's r (H, Tq, Tk), handed to every layer (torchaudio and the WavLM code compute
+    it in layer 1 and pass it on); None for HuBERT-style layers."""
+    first = layers[0].attention
+    return None if first.rel_attn_embed is None else first.relative_bias(q_times, k_times)
 
 
 class Student(nn.Module):
@@ -437,8 +499,9 @@ class Student(nn.Module):
         self.front_end = FrontEnd(cfg)
         self.reuses = reuse_pattern(cfg)
         self.layers = nn.ModuleList(
-            TransformerLayer(cfg, cfg.reuse_attention_dropout if r else cfg.attention_dropout, r, cfg.official_reuse)
-            for r in self.reuses)
+            TransformerLayer(cfg, cfg.reuse_attention_dropout if r else cfg.attention_dropout, r, cfg.official_reuse,
+                             first=i == 0)
+            for i, r in enumerate(self.reuses))
         if cfg.head == "distilhubert":
             self.heads = DistilHuBERTHeads(cfg.dim, cfg.teacher_dim, len(cfg.target_layers))
         elif cfg.head == "per_layer":
@@ -453,11 +516,13 @@ class Student(nn.Module):
     def encode(self, x, valid):
         """Run the layers over time; returns the N layer outputs, each (B, T, D)."""
         allowed = valid[:, None, None, :]  # (B, 1, 1, T): every query may look at every valid key
+        times = torch.arange(x.shape[1], device=x.device)  # (T,) frame of each token
+        bias = position_bias(self.layers, times, times)  # (H, T, T) for WavLM layers, else None
         scales = layer_grad_scales(len(self.layers)) if self.cfg.layer_grad_scale else None
         hiddens, attn = [], None
         for i, layer in enumerate(self.layers):
             next_reuses = i + 1 < len(self.layers) and self.reuses[i + 1]
-            x, attn = layer(x, allowed, prev_attn=attn, need_attn=next_reuses)
+            x, attn = layer(x, allowed, prev_attn=attn, need_attn=next_reuses, bias=bias)
             if scales is None:
                 hiddens.append(x)
             else:  # same values, gradients rescaled exactly as the official code (layer_grad_scales)
@@ -501,15 +566,17 @@ PRESETS = {
     # compare with ARMHuBERT at equal size
     "colld": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
                            ffn_dim=640, num_layers=12, input_dropout=0.05),
-    # GenDistiller: choice (SPEC 4): DistilHuBERT front end (and its settings), a 2-layer
-    # 768-d generator over slots
-    "gendistiller": StudentConfig(head="generator", num_layers=2, mask_embedding=False,
+    # GenDistiller: DistilHuBERT's front end (and its settings) and ONE teacher-width generator block
+    # with one shared output projection: 2406.09444's "33 % fewer parameters" than the baseline and
+    # "reduces WavLM by 82 %" (README: Students and their sizes); depth, targets and history: choices
+    "gendistiller": StudentConfig(head="generator", num_layers=1, mask_embedding=False,
                                   target_layers=DEFAULT_TARGETS, init_from_teacher=True, feature_grad_mult=0.1),
 }
-# The papers' parameter figures (millions) and what they count.
+# The papers' parameter figures (millions) and what they count. GenDistiller's is derived from its
+# abstract (2406.09444: "reduces the size of WavLM by 82 %"): 18 % of the 94.70M of the papers' tables.
 PAPER_PARAMS = {"distilhubert": (23.49, "without prediction heads"), "armhubert": (26.45, "with heads"),
                 "armhubert-s": (22.39, "with heads"), "maskhubert": (26.64, "with heads"),
-                "colld": (None, "with heads"), "gendistiller": (None, "with output projections")}
+                "colld": (None, "with heads"), "gendistiller": (0.18 * 94.70, "with output projection")}
 
 
 # ----------------------------------------------------------------------------
@@ -518,10 +585,16 @@ PAPER_PARAMS = {"distilhubert": (23.49, "without prediction heads"), "armhubert"
 # DistilHuBERT (Sec. 2): K heads on the last layer h_N, p_j = W_j GELU(W_s h_N)_j, j = 1..K, where
 #   W_s: D -> K * D_t is shared and W_j: D_t -> D_t; dropped after distillation.
 # ARMHuBERT / CoLLD: one head per layer, p_i = W_i h_i, kept in the deployed model.
-# GenDistiller: slot 0 holds X0 (the front end output), slot k the teacher layer l_k (training,
-#   teacher forcing) or the generator's own prediction of it (inference); token (k, t) attends to
-#   (k', t') iff k' <= k and t' is valid, so output slot k depends on X0 and layers l_1..l_k only:
-#   p_{k+1} = W_{k+1} g_k(X0, l_1, ..., l_k),  k = 0..K-1.
+# GenDistiller (2310.13418, 2406.09444; what the papers fix and what is ours: README): slot 0 holds
+#   X0 (the front end output), slot k the teacher layer l_k (training, teacher forcing) or the
+#   generator's own prediction of it (inference, and training with --gen_feed self); token (k, t)
+#   attends to (k', t') iff t' is valid and k' <= k (gen_history "all": causal across layers,
+#   bidirectional across time) or k - 1 <= k' <= k ("previous"), so output slot k depends on X0 and
+#   layers l_1..l_k only:
+#   p_{k+1} = W (g_k(X0, l_1, ..., l_k) + slot_k input),  k = 0..K-1,
+#   the slot's input added back (skip connection) and one output projection W shared by every step.
+#   With WavLM layers, r depends on the frame offset t' - t only, the same for every pair of slots
+#   (choice: the slots are layers of one utterance, not a longer sequence).
 # ----------------------------------------------------------------------------
 
 
@@ -570,10 +643,13 @@ class GeneratorConfig:
     num_layers: int
     num_outputs: int  # K generated teacher layers
     teacher_dim: int
+    history: str = "all"  # the earlier slots a slot sees: "all" or "previous" (StudentConfig.gen_history)
     layer_norm_first: bool = False
     dropout: float = 0.1
     attention_dropout: float = 0.1
     activation_dropout: float = 0.1
+    rel_pos_buckets: int = 0
+    rel_pos_max_distance: int = 800
     fused_attention: bool = True
 
     @classmethod
@@ -581,10 +657,13 @@ class GeneratorConfig:
         if cfg.reuse != "none":
             raise ValueError(f"reuse={cfg.reuse!r}: the GenDistiller generator has no attention-map reuse "
                              "(ARMHuBERT's); set --reuse=none")
+        if cfg.gen_history not in ("all", "previous"):
+            raise ValueError(f"gen_history={cfg.gen_history!r}: expected 'all' or 'previous'")
         return cls(dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                   num_outputs=len(cfg.target_layers), teacher_dim=cfg.teacher_dim,
+                   num_outputs=len(cfg.target_layers), teacher_dim=cfg.teacher_dim, history=cfg.gen_history,
                    layer_norm_first=cfg.layer_norm_first, dropout=cfg.dropout,
                    attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
+                   rel_pos_buckets=cfg.rel_pos_buckets, rel_pos_max_distance=cfg.rel_pos_max_distance,
                    fused_attention=cfg.fused_attention)
 
 
@@ -600,12 +679,23 @@ class Generator(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, Dt, K = cfg.dim, cfg.teacher_dim, cfg.num_outputs
-        self.layers = nn.ModuleList(TransformerLayer(cfg, cfg.attention_dropout) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(cfg, cfg.attention_dropout, first=i == 0)
+                                    for i in range(cfg.num_layers))
         self.slot_emb = nn.Parameter(torch.randn(K, D) * 0.02)  # learned embedding of slot 0..K-1
         # choice: teacher layers enter history slots unchanged when widths match, else via a Linear
         self.history_proj = nn.Linear(Dt, D) if Dt != D else None
-        # choice: one output projection per generated layer (like DistilHuBERT's split heads)
-        self.out_proj = nn.ModuleList(nn.Linear(D, Dt) for _ in range(K))
+        # choice: ONE output projection shared by the K steps (2406.09444 names "a projection output
+        # layer"; with one block and one projection the size fits both published figures, README)
+        self.out_proj = nn.Linear(D, Dt)
+
+    def visible(self, S, device):
+        """(S, S) bool: may slot k (row) attend to slot k' (column): causal, and gen_history 'previous'
+        keeps only the slot itself and the one before it."""
+        k = torch.arange(S, device=device)
+        ok = k[None, :] <= k[:, None]
+        if self.cfg.history == "previous":
+            ok &= k[None, :] >= k[:, None] - 1
+        return ok
 
     def embed_history(self, layer):
         """A teacher (or generated) layer (B, T, Dt) as a slot input (B, T, D)."""
@@ -618,11 +708,12 @@ class Generator(nn.Module):
         B, T, D = slots[0].shape
         inputs = torch.stack(slots, dim=1)  # (B, S, T, D)
         x = (inputs + self.slot_emb[:S, None, :]).reshape(B, S * T, D)  # (B, S*T, D): slot-major tokens
-        slot_of = torch.arange(S, device=x.device).repeat_interleave(T)  # (S*T,) slot of each token
-        causal = slot_of[None, :] <= slot_of[:, None]  # (S*T, S*T): query row, key column
+        causal = self.visible(S, x.device).repeat_interleave(T, 0).repeat_interleave(T, 1)  # (S*T, S*T): query, key
         allowed = causal[None, None] & valid.repeat(1, S)[:, None, None, :]  # (B, 1, S*T, S*T)
+        times = torch.arange(T, device=x.device).repeat(S)  # (S*T,) frame of each token
+        bias = position_bias(self.layers, times, times)  # WavLM layers: (H, S*T, S*T), else None
         for layer in self.layers:
-            x, _ = layer(x, allowed)
+            x, _ = layer(x, allowed, bias=bias)
         return list((x.view(B, S, T, D) + inputs).unbind(dim=1))
 
     def forward(self, x0, valid, history=None):
@@ -631,18 +722,24 @@ class Generator(nn.Module):
             if len(history) != K - 1:
                 raise ValueError(f"generator needs {K - 1} history layers, got {len(history)}")
             outs = self.run([x0] + [self.embed_history(h) for h in history], valid)
-            return [proj(o) for proj, o in zip(self.out_proj, outs)]
+            return [self.out_proj(o) for o in outs]
         # free-running: step k runs the generator over its new slot only. Attention is causal over
-        # slots, so the keys and values of slots 0..k-1 at every layer are those computed at their
-        # own steps: they are kept in a cache (one per layer) instead of recomputed.
+        # slots, so the keys and values of the earlier slots at every layer are those computed at
+        # their own steps: they are kept in a cache (one per layer) instead of recomputed.
         caches = [{} for _ in self.layers]
+        B, T, _ = x0.shape
+        times = torch.arange(T, device=x0.device)  # (T,) frame of each new token
         preds, slot = [], x0  # slot: this step's input (B, T, D), X0 first, then the last prediction
         for k in range(K):
+            seen = min(k + 1, 2) if self.cfg.history == "previous" else k + 1  # slots in the cache after this step
             x = slot + self.slot_emb[k]  # (B, T, D)
-            allowed = valid.repeat(1, k + 1)[:, None, None, :]  # (B, 1, 1, (k+1)*T): valid frames of slots 0..k
+            allowed = valid.repeat(1, seen)[:, None, None, :]  # (B, 1, 1, seen*T): valid frames of the seen slots
+            bias = position_bias(self.layers, times, times.repeat(seen))  # WavLM layers: (H, T, seen*T)
             for layer, cache in zip(self.layers, caches):
-                x, _ = layer(x, allowed, cache=cache)
-            preds.append(self.out_proj[k](x + slot))  # (B, T, Dt), the slot's input added back
+                x, _ = layer(x, allowed, cache=cache, bias=bias)
+                if self.cfg.history == "previous":  # the next step sees this slot and its own only
+                    cache["k"], cache["v"] = cache["k"][:, :, -T:], cache["v"][:, :, -T:]
+            preds.append(self.out_proj(x + slot))  # (B, T, Dt), the slot's input added back
             slot = self.embed_history(preds[-1])
         return preds
 
@@ -716,10 +813,12 @@ def fit_to_teacher(cfg, teacher):
         new.update(conv_layers=[tuple(x) for x in c["extractor_conv_layer_config"]],
                    conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"], feature_projection=True,
                    normalize_waveform=teacher.normalize_waveform)
-    if cfg.init_from_teacher:
+    if cfg.init_from_teacher:  # the copied layers are the teacher's kind: WavLM layers from a WavLM teacher
         new.update(dim=teacher.dim, ffn_dim=c["encoder_ff_interm_features"],
                    num_heads=c["encoder_num_heads"], pos_conv_kernel=c["encoder_pos_conv_kernel"],
-                   pos_conv_groups=c["encoder_pos_conv_groups"], layer_norm_first=c["encoder_layer_norm_first"])
+                   pos_conv_groups=c["encoder_pos_conv_groups"], layer_norm_first=c["encoder_layer_norm_first"],
+                   rel_pos_buckets=c.get("encoder_num_buckets", 0),
+                   rel_pos_max_distance=c.get("encoder_max_distance", cfg.rel_pos_max_distance))
     notes = [f"{k}: {getattr(cfg, k)} -> {v} (fitted to teacher)" for k, v in new.items() if getattr(cfg, k) != v]
     return replace(cfg, **new), notes
 
@@ -1417,25 +1516,45 @@ def teacher_to_student_keys(teacher, num_layers, layers="layers."):
     for i in range(num_layers):
         s, tl = f"{layers}{i}.", f"encoder.transformer.layers.{i}."
         for p in ("weight", "bias"):
-            for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            for n in ("q_proj", "k_proj", "v_proj", "out_proj"):  # WavLM's: split by teacher_state
                 keys[f"{s}attention.{n}.{p}"] = f"{tl}attention.{n}.{p}"
             keys[f"{s}layer_norm.{p}"] = f"{tl}layer_norm.{p}"
             keys[f"{s}fc1.{p}"] = f"{tl}feed_forward.intermediate_dense.{p}"
             keys[f"{s}fc2.{p}"] = f"{tl}feed_forward.output_dense.{p}"
             keys[f"{s}final_layer_norm.{p}"] = f"{tl}final_layer_norm.{p}"
+        if teacher.is_wavlm:  # the gate of every layer, the relative position embedding of the first
+            for n in ("gru_rel_pos_linear.weight", "gru_rel_pos_linear.bias", "gru_rel_pos_const") + \
+                    (("rel_attn_embed.weight",) if i == 0 else ()):
+                keys[f"{s}attention.{n}"] = f"{tl}attention.{n}"
     return keys
+
+
+def teacher_state(teacher):
+    """The teacher's state dict, WavLM attention in HuBERT's names: torchaudio keeps WavLM's q, k, v as one
+    fused in_proj of nn.MultiheadAttention (rows q, k, v) under attention.attention; here they are
+    attention.{q,k,v}_proj and attention.out_proj, as in HuBERT layers and the student."""
+    state = dict(teacher.model.state_dict())
+    for key in [k for k in state if ".attention.attention." in k]:
+        value, (layer, name) = state.pop(key), key.split(".attention.attention.")
+        if name.startswith("in_proj_"):
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                state[f"{layer}.attention.{proj}.{name[len('in_proj_'):]}"] = part
+        else:  # out_proj.weight / out_proj.bias
+            state[f"{layer}.attention.{name}"] = value
+    return state
 
 
 @torch.no_grad()
 def init_from_teacher(student, teacher):
     """Copy the teacher's conv, projection, positional conv and first layers into the student.
 
-    DistilHuBERT (SPEC 1) does this; GenDistiller's front end and generator layers too (choice).
+    DistilHuBERT (SPEC 1) does this; GenDistiller's front end and generator layers too (choice). From a
+    WavLM teacher the student's layers are WavLM layers (fit_to_teacher) and take its gates and bias.
     Raises if any copied tensor does not fit, listing every mismatch.
     """
-    if teacher.is_wavlm:
-        raise ValueError("init_from_teacher copies HuBERT-style layers; WavLM attention differs "
-                         "(gated relative position bias). Pass --init_from_teacher=false.")
+    if teacher.is_wavlm and not student.cfg.rel_pos_buckets:
+        raise ValueError("init_from_teacher from a WavLM teacher needs WavLM layers in the student "
+                         "(rel_pos_buckets > 0; model.build_student sets it from the teacher)")
     mapping = teacher_to_student_keys(teacher, min(student.cfg.num_layers, teacher.num_layers), student.layers_key)
     return copy_from_teacher(student, teacher, mapping, "init_from_teacher: student and teacher shapes")
 
@@ -1454,7 +1573,7 @@ def init_conv_from_teacher(student, teacher):
 def copy_from_teacher(student, teacher, mapping, what):
     """Copy teacher tensors into the student by `mapping` (student key -> teacher key), after checking
     every shape; raises "`what` do not fit", listing the mismatches. Returns the copied student keys."""
-    s_state, t_state = student.state_dict(), teacher.model.state_dict()
+    s_state, t_state = student.state_dict(), teacher_state(teacher)
     bad = [f"{s} {tuple(s_state[s].shape) if s in s_state else 'missing'} <- {t} "
            f"{tuple(t_state[t].shape) if t in t_state else 'missing'}"
            for s, t in mapping.items() if s not in s_state or t not in t_state or s_state[s].shape != t_state[t].shape]
@@ -1628,6 +1747,13 @@ def print_table():
               f"{100 * n / hubert_paper:>9.1f}%{100 * m / hubert_macs:>7.1f}%")
     print(f"{'hubert_base':<14}{hubert_params / 1e6:>11.2f}{hubert_paper / 1e6:>10.2f}  "
           f"{'torchaudio; paper=fairseq':<24}{hubert_macs / 1e9:>10.2f}{100 * hubert_params / hubert_paper:>9.1f}%{100.0:>7.1f}%")
+    # GenDistiller against the baseline it compares to, both as distillation trains them (with heads)
+    gen = count_parameters(build_student("gendistiller", base)[0])
+    distil = count_parameters(build_student("distilhubert", base)[0])
+    wavlm_gen = count_parameters(build_student("gendistiller", bundle_description("wavlm_base_plus"))[0])
+    print(f"GenDistiller vs DistilHuBERT with its heads ({distil / 1e6:.2f}M): {gen / distil:.3f}x the parameters "
+          f"(2406.09444: 33 % fewer, 0.67x); from WavLM Base+: {wavlm_gen / 1e6:.2f}M, "
+          f"{100 * wavlm_gen / 94.70e6:.1f} % of the papers' 94.70M (2406.09444: 18 %)")
 
 
 def main(argv=None):

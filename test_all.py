@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -513,13 +514,21 @@ _MT_WAVLM_CFG = dict(_MT_GN_CFG, extractor_mode="layer_norm", encoder_num_layers
 del _MT_WAVLM_CFG["aux_num_out"]
 
 
-def _mt_wavlm(seed=0):
+def _mt_wavlm(seed=0, **cfg):
     torch.manual_seed(seed)
-    m = torchaudio.models.wavlm_model(**_MT_WAVLM_CFG, aux_num_out=None).eval()
+    m = torchaudio.models.wavlm_model(**{**_MT_WAVLM_CFG, **cfg}, aux_num_out=None).eval()
     with torch.no_grad():  # torchaudio inits the gate constants to 1 and rel. bias small: perturb
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return m
+
+
+def _mt_wavlm_teacher(seed=0, **cfg):
+    """A Teacher over _mt_wavlm's weights; cfg changes _MT_WAVLM_CFG (e.g. encoder_layer_norm_first=True: Large)."""
+    cfg = {**_MT_WAVLM_CFG, **cfg}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no mask embedding: not used here
+        return model.teacher_from_checkpoint({"config": cfg, "state_dict": _mt_wavlm(seed, **cfg).state_dict()})
 
 
 # ----------------------------------------------------------------------------- frame count
@@ -968,8 +977,8 @@ def _mt_record_attention(monkeypatch):
     calls = []
     original = SelfAttention.forward
 
-    def recording(self, x, allowed, prev_attn=None, need_attn=False, cache=None):
-        out, attn = original(self, x, allowed, prev_attn, need_attn, cache)
+    def recording(self, x, allowed, prev_attn=None, need_attn=False, cache=None, bias=None):
+        out, attn = original(self, x, allowed, prev_attn, need_attn, cache, bias)
         calls.append(dict(module=self, x=x, allowed=allowed, prev=prev_attn, attn=attn, out=out))
         return out, attn
 
@@ -1070,9 +1079,13 @@ def test_model_fused_attention_equals_explicit(preset, tiny_teacher):
 
 # ----------------------------------------------------------------------------- padding invariance
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", list(PRESETS) + ["distilhubert-wavlm", "gendistiller-wavlm"])
 def test_model_padded_batch_equals_single_runs(preset, tiny_teacher):
-    cfg = _mt_cfg(preset, tiny_teacher)
+    if preset.endswith("-wavlm"):  # WavLM layers (gated relative position bias), copied from a WavLM teacher
+        cfg = _mt_cfg(preset[: -len("-wavlm")], _mt_wavlm_teacher(seed=30, encoder_num_layers=3))
+        assert cfg.rel_pos_buckets == 16
+    else:
+        cfg = _mt_cfg(preset, tiny_teacher)
     student = _mt_student(cfg)
     wav, lengths = _mt_wav([5000, 3100, 1400], seed=18)  # padded tail holds noise, not zeros
     with torch.no_grad():
@@ -1112,16 +1125,23 @@ def _mt_gen_cfgs(tiny_teacher):
     teacher_init = _mt_cfg("gendistiller", tiny_teacher)  # 48-d generator, history enters unchanged
     narrow = _mt_cfg("gendistiller", tiny_teacher, init_from_teacher=False, conv_layers=_mt_small_conv(16),
                      dim=32, ffn_dim=64, num_heads=4, pos_conv_kernel=16, pos_conv_groups=4)
-    return {"teacher_init": teacher_init, "narrow": narrow}
+    # two blocks, four slots, each slot seeing only itself and the one before it
+    previous = replace(narrow, num_layers=2, gen_history="previous", target_layers=(3, 6, 9, 12))
+    # WavLM blocks (relative position bias over frames, the same for every pair of slots), from a WavLM teacher
+    wavlm = _mt_cfg("gendistiller", _mt_wavlm_teacher(seed=31, encoder_num_layers=3), target_layers=(1, 2, 3))
+    return {"teacher_init": teacher_init, "narrow": narrow, "previous": previous, "wavlm": wavlm}
 
 
-@pytest.mark.parametrize("which", ["teacher_init", "narrow"])
+_MT_GENS = ["teacher_init", "narrow", "previous", "wavlm"]
+
+
+@pytest.mark.parametrize("which", _MT_GENS)
 @pytest.mark.parametrize("fused", [True, False])
 def test_model_generator_is_causal_over_slots(which, fused, tiny_teacher):
     cfg = replace(_mt_gen_cfgs(tiny_teacher)[which], fused_attention=fused)
     student = _mt_student(cfg)
     gen = student.generator
-    assert (gen.history_proj is None) == (which == "teacher_init")
+    assert (gen.history_proj is None) == (which in ("teacher_init", "wavlm"))  # teacher width: no projection
     K, D = len(cfg.target_layers), cfg.dim
     g = torch.Generator().manual_seed(20)
     T = 7
@@ -1137,6 +1157,9 @@ def test_model_generator_is_causal_over_slots(which, fused, tiny_teacher):
             out = gen.run(changed, valid)
             for j in range(k):
                 _mt_close(out[j], base[j], atol=1e-6)  # earlier slots never see slot k
+            if cfg.gen_history == "previous":  # each block looks one slot back: N blocks, N slots
+                for j in range(k + 1 + cfg.num_layers, K):
+                    _mt_close(out[j], base[j], atol=1e-6)
             assert not torch.allclose(out[k][0], base[k][0], atol=1e-3)
         # bidirectional over time: the last valid frame of slot 0 changes the first frame's output
         changed = [s.clone() for s in slots]
@@ -1152,7 +1175,7 @@ def test_model_generator_is_causal_over_slots(which, fused, tiny_teacher):
             _mt_close(a[1, :5], b[1, :5])
 
 
-@pytest.mark.parametrize("which", ["teacher_init", "narrow"])
+@pytest.mark.parametrize("which", _MT_GENS)
 @pytest.mark.parametrize("fused", [True, False])
 def test_model_generator_free_running_equals_parallel_on_own_outputs(which, fused, tiny_teacher):
     # free-running runs each step over its new slot with a key/value cache of the earlier slots;
@@ -1169,11 +1192,44 @@ def test_model_generator_free_running_equals_parallel_on_own_outputs(which, fuse
             assert torch.equal(a, b) and torch.equal(a, c)
         gen = student.generator
         slots = [x0] + [gen.embed_history(p) for p in free[:-1]]
-        parallel = [proj(o) for proj, o in zip(gen.out_proj, gen.run(slots, valid))]
+        parallel = [gen.out_proj(o) for o in gen.run(slots, valid)]  # one projection shared by the steps
         forced, _ = student(wav, lengths, history=free[:-1])  # teacher forcing with its own outputs
     for a, b, c in zip(free, parallel, forced):
         _mt_close(a, b)
         _mt_close(a, c)
+
+
+@pytest.mark.parametrize("feed", ["teacher", "self"])
+def test_model_generator_from_a_wavlm_teacher_trains(feed):
+    # GenDistiller initialised from a WavLM teacher (its first layer, gates and position bias copied)
+    # learns the teacher's layers on one batch, teacher-forced and free-running
+    teacher = _mt_wavlm_teacher(seed=33, encoder_num_layers=3)
+    torch.manual_seed(0)
+    student, _ = model.build_student(replace(PRESETS["gendistiller"], target_layers=(1, 2, 3)), teacher)
+    assert student.cfg.rel_pos_buckets == 16
+    wav, lengths = _mt_wav([6000, 4500], seed=34, garbage=False)
+    args = distill.parse_args(["--method", "gendistiller", "--data", "x", "--gen_feed", feed])
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss, _ = distill.step_gendistiller(args, teacher, student, wav, lengths, [0, 0, 0, 0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = float(loss) if first is None else first
+    assert float(loss) < 0.6 * first, (first, float(loss))
+    assert student.generator.layers[0].attention.rel_attn_embed.weight.grad is not None
+
+
+def test_model_plain_students_from_a_wavlm_teacher():
+    # ARMHuBERT / CoLLD students are not copied from the teacher: plain layers, as the official armwavlm configs
+    teacher = _mt_wavlm_teacher(seed=35, encoder_num_layers=3)
+    for preset in ("armhubert", "colld"):
+        student, _ = model.build_student(preset, teacher)
+        assert student.cfg.rel_pos_buckets == 0 and not hasattr(student.layers[0].attention, "gru_rel_pos_linear")
+        wav, lengths = _mt_wav([4000], seed=36)
+        preds, _ = student(wav, lengths)
+        assert len(preds) == 12 and preds[0].shape[-1] == teacher.dim
 
 
 def test_model_generator_teacher_forcing_uses_history(tiny_teacher):
@@ -1201,13 +1257,18 @@ class _MtBase:  # a HuBERT Base-sized teacher description (as model.main builds 
 
 def test_model_parameter_counts_match_the_papers():
     with torch.device("meta"):  # counting needs shapes only
-        counts = {name: model.build_student(name, _MtBase)[0] for name in ("distilhubert", "armhubert", "armhubert-s", "maskhubert")}
+        counts = {name: model.build_student(name, _MtBase)[0]
+                  for name in ("distilhubert", "armhubert", "armhubert-s", "maskhubert", "gendistiller")}
+        wavlm_gen, _ = model.build_student("gendistiller", model.bundle_description("wavlm_base_plus"))
     n = {k: model.count_parameters(s) for k, s in counts.items()}
     assert round(model.count_parameters(counts["distilhubert"], with_heads=False) / 1e6, 2) == 23.49
     assert round(n["distilhubert"] / 1e6, 2) == 27.04
     assert n["armhubert"] == 26_448_448
     assert round(n["armhubert-s"] / 1e6, 2) == 22.39
     assert round(n["maskhubert"] / 1e6, 2) == 26.64
+    # GenDistiller (2406.09444): 33 % fewer parameters than the baseline with its heads; 18 % of WavLM Base+
+    assert round(n["gendistiller"] / 1e6, 2) == 17.00 and n["gendistiller"] <= 0.67 * n["distilhubert"]
+    assert wavlm_gen.cfg.rel_pos_buckets == 320 and model.count_parameters(wavlm_gen) <= 0.18 * 94.70e6
     # SPEC 2's hand-checked parts of armhubert
     arm = counts["armhubert"]
     part = lambda prefix: sum(p.numel() for name, p in arm.named_parameters() if name.startswith(prefix))  # noqa: E731
@@ -1222,7 +1283,7 @@ def test_model_main_prints_the_table():
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
     for name, number in [("distilhubert", "23.49"), ("armhubert", "26.45"), ("armhubert-s", "22.39"),
-                         ("maskhubert", "26.64")]:
+                         ("maskhubert", "26.64"), ("gendistiller", "17.00")]:
         assert name in rows, proc.stdout
         assert rows[name].split()[1] == number, rows[name]
     for name in PRESETS:
@@ -1231,15 +1292,24 @@ def test_model_main_prints_the_table():
 
 # ----------------------------------------------------------------------------- init from teacher
 
-def test_model_init_from_teacher_reproduces_teacher_layers(tiny_teacher):
-    student, _ = model.build_student("distilhubert", tiny_teacher)
-    copied = model.init_from_teacher(student, tiny_teacher)
+@pytest.mark.parametrize("which", ["tiny", "wavlm_base", "wavlm_large"])
+def test_model_init_from_teacher_reproduces_teacher_layers(which, tiny_teacher):
+    # WavLM: post-LN blocks as WavLM Base, pre-LN as Large; unpadded (torchaudio's WavLM takes no lengths)
+    teacher = tiny_teacher if which == "tiny" else \
+        _mt_wavlm_teacher(seed=32, encoder_num_layers=3, encoder_layer_norm_first=which == "wavlm_large")
+    student, _ = model.build_student("distilhubert", teacher)
+    assert student.cfg.rel_pos_buckets == (0 if which == "tiny" else 16)
+    assert student.cfg.layer_norm_first == (which == "wavlm_large")
+    copied = model.init_from_teacher(student, teacher)
     assert "layers.1.fc2.weight" in copied and "front_end.pos_conv.parametrizations.weight.original1" in copied
+    if which != "tiny":
+        assert {"layers.0.attention.rel_attn_embed.weight", "layers.1.attention.gru_rel_pos_const",
+                "layers.1.attention.q_proj.weight"} <= set(copied)
     student.eval()
-    wav, lengths = _mt_wav([5000, 3000], seed=23, garbage=False)
+    wav, lengths = _mt_wav([5000, 3000] if which == "tiny" else [5000, 5000], seed=23, garbage=False)
     with torch.no_grad():
         hs, fl = student.hidden_states(wav, lengths)
-        layers, tfl = tiny_teacher(wav, lengths)
+        layers, tfl = teacher(wav, lengths)
     assert torch.equal(fl, tfl) and len(hs) == 3
     for k in (1, 2):  # hidden_states[k] = student layer k = teacher layer k
         for b in range(2):
@@ -1993,6 +2063,7 @@ _DT_BAD_FLAGS = [
     # student fields (--FIELD=VALUE)
     ("armhubert", ["--dropout=1.5"]), ("armhubert", ["--num_layers=0"]), ("armhubert", ["--dim=-4"]),
     ("armhubert", ["--pos_conv_kernel=0"]), ("armhubert", ["--feature_grad_mult=-1"]),
+    ("distilhubert", ["--rel_pos_buckets=3"]), ("distilhubert", ["--rel_pos_max_distance=0"]),
     ("armhubert", ["--conv_layers=[(8,0,5)]"]),
 ]
 
@@ -2419,6 +2490,22 @@ def test_distill_resume_refuses_a_different_run(tmp_path):
         distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--lr", "1e-3"])
     with pytest.raises(SystemExit, match=r"--target_norm none != layer_norm"):
         distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--target_norm", "layer_norm"])
+    # another teacher of the same shape (nothing in the student config notices), data or objective flag
+    other = str(tmp_path / "other_teacher.pt")
+    torch.save(model.random_teacher_checkpoint("tiny", seed=1), other)
+    with pytest.raises(SystemExit, match=rf"--teacher tiny != {re.escape(other)}"):
+        distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--teacher", other])
+    (tmp_path / "corpus").mkdir()
+    for i in range(2):
+        sf.write(str(tmp_path / "corpus" / f"u{i}.flac"), np.zeros(16000, np.float32), 16000)
+    with pytest.raises(SystemExit, match=r"--data synthetic != .*corpus"):
+        distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--data", str(tmp_path / "corpus")])
+    with pytest.raises(SystemExit, match=r"--weight_decay 0.01 != 0.0; --mask_length 10 != 4"):
+        distill.main(argv + ["--max_steps", "4", "--resume", "auto", "--mask_length", "4", "--weight_decay", "0"])
+    # what may change: the step count, logging, checkpointing, workers
+    distill.main(argv + ["--max_steps", "3", "--resume", "auto", "--log_every", "1", "--save_every", "1",
+                         "--keep", "5"])
+    assert os.path.exists(os.path.join(out, "ckpt-00000003.pt"))
     with pytest.raises(SystemExit, match="not a distill.py training checkpoint"):
         torch.save({"x": torch.ones(1)}, os.path.join(out, "other.pt"))
         distill.main(argv + ["--resume", os.path.join(out, "other.pt")])
