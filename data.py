@@ -95,12 +95,16 @@ def valid_frames(frame_lengths, max_frames):
 def resampled_length(num_frames, sample_rate):
     """Samples that `num_frames` frames at `sample_rate` become at 16 kHz.
 
-    subtle: this is exactly the length torchaudio.functional.resample returns,
-    ceil(num_frames * 16000 / sample_rate), so a length that scan_audio computes from the
-    file header equals the length load_audio later returns. Integer arithmetic: no
-    floating-point off-by-one on long files.
+    subtle: this is exactly the length torchaudio.functional.resample returns, so a length that
+    scan_audio computes from the file header equals the length load_audio later returns. That is
+    ceil(new * N / orig) with both rates divided by their gcd, the quotient rounded to float32
+    first (torch.as_tensor of a Python float), as torchaudio computes it: at 44.1, 22.05 and
+    11.025 kHz that is sometimes one sample below the exact ceiling.
     """
-    return -(-num_frames * SAMPLE_RATE // sample_rate)
+    if sample_rate == SAMPLE_RATE:  # not resampled
+        return num_frames
+    g = math.gcd(sample_rate, SAMPLE_RATE)
+    return int(torch.ceil(torch.tensor(SAMPLE_RATE // g * num_frames / (sample_rate // g), dtype=torch.float32)))
 
 
 # ----------------------------------------------------------------------------
@@ -491,6 +495,10 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     Batches: indices sorted by length, then cut greedily so that the padded size of each
     batch, B * (longest length in it), stays <= max_batch_samples; an utterance longer than
     the budget gets a batch of its own (it is never dropped).
+    sort_lengths (optional): the lengths to sort by, when `lengths` are cropped: the full lengths,
+    as s3prl sorts, so utterances longer than the crop keep their own order instead of tying in
+    path order (speaker by speaker, which would make fixed batches of one or two speakers).
+    Cropping is monotonic, so `lengths` ascend in that order too.
     choice: the batches are formed once and keep their members across epochs; only their
     ORDER is shuffled, by a generator seeded by (seed, epoch) (as fairseq, whose epoch
     iterator shuffles a fixed list of batches). Sorting by length keeps padding small.
@@ -508,8 +516,9 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, lengths, max_batch_samples, seed=0, shuffle=True, rank=0, world_size=1, drop_last=False,
-                 max_batch_size=None):
+                 max_batch_size=None, sort_lengths=None):
         lengths = [int(n) for n in lengths]
+        self.sort_lengths = lengths if sort_lengths is None else [int(n) for n in sort_lengths]
         if not lengths:
             raise ValueError("LengthBucketSampler: lengths is empty (no utterances to batch)")
         if max_batch_samples <= 0:
@@ -535,7 +544,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
 
     def _make_batches(self):
         # stable sort: equal lengths keep index order, so the batches are reproducible
-        order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i])
+        order = sorted(range(len(self.lengths)), key=lambda i: self.sort_lengths[i])
         batches, current = [], []
         for i in order:
             # lengths ascend, so adding utterance i makes it the longest: padded size = (B+1) * len_i

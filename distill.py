@@ -657,8 +657,9 @@ def make_data(args, source, rank, world, seed, shuffle=True):
         corpus, _ = data.scan_audio(source, verbose=rank == 0)  # bad files: counted and named
     max_samples = int(args.max_seconds * data.SAMPLE_RATE) if args.max_seconds else None
     dataset = data.AudioDataset(corpus, max_samples=max_samples, seed=seed, skip_bad=True)
-    sampler = data.LengthBucketSampler(dataset.lengths, int(args.batch_seconds * data.SAMPLE_RATE),
-                                       seed=seed, shuffle=shuffle, rank=rank, world_size=world)
+    # batches pack the cropped lengths, ordered by the full ones (s3prl's order: see LengthBucketSampler)
+    sampler = data.LengthBucketSampler(dataset.lengths, int(args.batch_seconds * data.SAMPLE_RATE), seed=seed,
+                                       shuffle=shuffle, rank=rank, world_size=world, sort_lengths=dataset.full_lengths)
     loader = data.make_loader(dataset, sampler, num_workers=args.workers, collate_fn=data.collate_checked)
     return dataset, sampler, loader
 

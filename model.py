@@ -337,9 +337,10 @@ class SelfAttention(nn.Module):
             # previous layer's Q/K through it.
             attn = prev_attn  # (B, H, T, T)
             if self.official_reuse:
-                # note: the official code applies softmax a second time to the already normalised map;
-                # kept only to reproduce its released checkpoints (SPEC 2)
-                attn = attn.softmax(dim=-1)
+                # note: the official code applies softmax a second time to the already normalised map,
+                # padded keys masked to -inf first (so they stay at weight 0); kept only to reproduce
+                # its released checkpoints (SPEC 2)
+                attn = attn.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
         else:
             q = self.q_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
             k = self.k_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
@@ -354,7 +355,9 @@ class SelfAttention(nn.Module):
             if self.fused and not need_attn and (p == 0.0 or x.device.type != "cpu"):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # (B, H, T, Dh)
                 return self.out_proj(out.transpose(1, 2).reshape(B, T, D)), None
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(Dh)  # (B, H, T, T')
+            # subtle: q is scaled before the product (as fairseq): under fp16, q k^T of large activations
+            # overflows 65504 before a later division could bring it back
+            scores = (q * Dh ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T')
             if allowed.dtype == torch.bool:
                 scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
             else:  # WavLM's additive mask (above)

@@ -114,6 +114,16 @@ def test_load_audio_resamples_8k_stereo_to_16k_mono(tmp_path):
     assert torch.allclose(data.load_audio(path16), torch.from_numpy((left + right) / 2))
 
 
+@pytest.mark.parametrize("rate", [44100, 22050, 11025, 48000, 32000, 24000, 8000])
+def test_resampled_length_is_what_torchaudio_returns(rate):
+    # torchaudio rounds ceil(new * N / orig) through float32: the scan must promise that very length
+    g = np.random.default_rng(rate)
+    for n in [722_562, 1, 399, 44_100, 1_000_003] + [int(x) for x in g.integers(1, 3_000_000, 6)]:
+        want = torchaudio.functional.resample(torch.zeros(n), rate, 16000).shape[-1]
+        assert data.resampled_length(n, rate) == want, (rate, n)
+    assert data.resampled_length(722_562, 44100) == 262_154  # the exact ceiling would say 262,155
+
+
 def test_load_audio_errors_name_the_file(tmp_path):
     with pytest.raises(data.AudioError, match="missing.wav"):
         data.load_audio(tmp_path / "missing.wav")
@@ -261,6 +271,21 @@ def test_sampler_budget_coverage_and_shuffle():
     capped = data.LengthBucketSampler(lengths, max_batch_samples=budget, max_batch_size=3)
     assert max(len(b) for b in capped.batches) == 3
     assert sorted(i for b in capped.batches for i in b) == list(range(len(lengths)))
+
+
+def test_sampler_orders_cropped_utterances_by_their_full_length():
+    # 20 utterances all longer than a 1 s crop, in "speaker order" (index order); cropped they all tie
+    full = [30_000 + (i * 7919) % 10_000 for i in range(20)]
+    cropped = [16_000] * 20
+    tied = data.LengthBucketSampler(cropped, 4 * 16_000)
+    assert [i for b in tied.batches for i in b] == list(range(20))  # ties keep path order
+    s = data.LengthBucketSampler(cropped, 4 * 16_000, sort_lengths=full)
+    assert [i for b in s.batches for i in b] == sorted(range(20), key=lambda i: full[i])
+    assert [len(b) for b in s.batches] == [4] * 5  # packed by the cropped lengths
+    # distill.py's data: the dataset's full lengths order the sampler
+    args = distill.parse_args(["--method", "distilhubert", "--max_seconds", "1.5", "--batch_seconds", "6"])
+    ds, sampler, _ = distill.make_data(args, "synthetic", 0, 1, seed=0)
+    assert sampler.sort_lengths == ds.full_lengths != ds.lengths
 
 
 def test_sampler_resume_mid_epoch():
@@ -1079,9 +1104,11 @@ def test_model_fused_attention_equals_explicit(preset, tiny_teacher):
 
 # ----------------------------------------------------------------------------- padding invariance
 
-@pytest.mark.parametrize("preset", list(PRESETS) + ["distilhubert-wavlm", "gendistiller-wavlm"])
+@pytest.mark.parametrize("preset", list(PRESETS) + ["distilhubert-wavlm", "gendistiller-wavlm", "armhubert-official"])
 def test_model_padded_batch_equals_single_runs(preset, tiny_teacher):
-    if preset.endswith("-wavlm"):  # WavLM layers (gated relative position bias), copied from a WavLM teacher
+    if preset == "armhubert-official":  # the official code's second softmax masks padded keys first
+        cfg = _mt_cfg("armhubert", tiny_teacher, official_reuse=True)
+    elif preset.endswith("-wavlm"):  # WavLM layers (gated relative position bias), copied from a WavLM teacher
         cfg = _mt_cfg(preset[: -len("-wavlm")], _mt_wavlm_teacher(seed=30, encoder_num_layers=3))
         assert cfg.rel_pos_buckets == 16
     else:
@@ -1133,6 +1160,21 @@ def _mt_gen_cfgs(tiny_teacher):
 
 
 _MT_GENS = ["teacher_init", "narrow", "previous", "wavlm"]
+
+
+def test_model_explicit_attention_does_not_overflow_in_fp16():
+    # q.k of large activations (about 1e5 here) exceeds fp16's 65504 unless q is scaled first
+    att = SelfAttention(64, 1, 0.0, fused=False).eval()
+    with torch.no_grad():
+        for proj in (att.q_proj, att.k_proj):
+            proj.weight.copy_(torch.eye(64))
+            proj.bias.zero_()
+    x = torch.full((1, 5, 64), 40.0) + torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+    allowed = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        out, attn = att(x, allowed, need_attn=True)
+    assert torch.isfinite(out).all() and torch.isfinite(attn).all()
+    _mt_close(attn.float().sum(-1), torch.ones(1, 1, 5), atol=1e-2)  # (fp16 logits near 1e4 are coarse)
 
 
 @pytest.mark.parametrize("which", _MT_GENS)
@@ -1219,6 +1261,21 @@ def test_model_generator_from_a_wavlm_teacher_trains(feed):
         first = float(loss) if first is None else first
     assert float(loss) < 0.6 * first, (first, float(loss))
     assert student.generator.layers[0].attention.rel_attn_embed.weight.grad is not None
+
+
+def test_gendistiller_validation_runs_free(tiny_teacher):
+    # with --gen_feed teacher, training is teacher-forced but the validation loss (eval mode) is the
+    # free-running one, what hidden_states and the probe use
+    student = _mt_student(_mt_gen_cfgs(tiny_teacher)["narrow"])
+    wav, lengths = _mt_wav([4000, 3000], seed=37)
+    args = distill.parse_args(["--method", "gendistiller", "--data", "x", "--gen_feed", "teacher"])
+    with torch.no_grad():
+        layers, fl = tiny_teacher(wav, lengths, final_norm=args.teacher_final_norm)
+        targets = losses.teacher_targets(layers, student.cfg.target_layers, args.target_norm)
+        free = gendistiller_loss(student(wav, lengths)[0], targets, fl)[0]
+        forced = gendistiller_loss(student(wav, lengths, history=targets[:-1])[0], targets, fl)[0]
+        val, _ = distill.step_gendistiller(args, tiny_teacher, student, wav, lengths, [0, 0, 0, 0])
+    assert torch.equal(val, free) and not torch.allclose(free, forced)
 
 
 def test_model_plain_students_from_a_wavlm_teacher():
