@@ -2610,6 +2610,12 @@ def test_recipe_crops_follow_s3prl_and_the_official_code():
     assert distill.parse_args(["--method", "colld", "--data", "x", "--max_seconds", "4"]).max_seconds == 4
 
 
+def test_recipe_weight_decay_is_s3prl_optimizers():
+    # s3prl's AdamW_with_schedule: 0.01 on every non-bias parameter, for its distiller as for ARMHuBERT
+    for method in distill.RECIPES:
+        assert distill.parse_args(["--method", method, "--data", "x"]).weight_decay == 0.01, method
+
+
 def test_distill_mask_prob_0_is_a_plain_mse_ablation(tiny_teacher, monkeypatch):
     base = ["--teacher", "tiny", "--data", "synthetic", "--mask_prob", "0"]
     with pytest.raises(SystemExit, match="--colld_include_unmasked"):
