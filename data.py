@@ -32,6 +32,7 @@ Tests: python -m pytest -q test_all.py -k data
 
 import math
 import os
+import signal
 from typing import NamedTuple
 
 import numpy as np
@@ -634,7 +635,14 @@ def make_loader(dataset, sampler, num_workers=2, collate_fn=None):
         # mid-epoch would then see a different dropout stream than one that ran straight through.
         # Our data is a pure function of (seed, epoch, index), so a fixed generator loses nothing.
         generator=torch.Generator().manual_seed(0),
+        # Ctrl-C reaches every process of the terminal's group: workers ignore it, so the training
+        # loop (distill.StopSignal) can finish its step with them and write a checkpoint
+        worker_init_fn=ignore_sigint,
     )
+
+
+def ignore_sigint(worker_id):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------

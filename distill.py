@@ -7,7 +7,7 @@ One file, read top to bottom (method reference: ../shared/SPEC.md):
      its teacher passes, its mask, its loss (losses.py), chosen from the METHODS table
   4. checkpoints: atomic writes, exact resume
   5. the loop, in the order it runs: setup (teacher, student, data, optimizer, resume), then
-     per step: lr schedule, accum micro-batches (teacher no grad in float32, student under
+     per step: lr schedule, accum micro-batches (teacher no grad, float32 or autocast; student under
      autocast), clip, optimizer step; progress, validation, checkpoints. Runs alone or under
      torchrun (DDP); the loop never branches on the method.
 
@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -63,11 +64,16 @@ class Recipe:
     max_seconds: Optional[float] = None  # random crop of longer utterances (None: whole utterances)
     # pre-LN teachers: does the last target include the encoder's final LayerNorm? (no-op for post-LN)
     teacher_final_norm: bool = False
+    # the teacher's precision on GPUs: "fp32" (autocast off around it, matmuls in TF32) or "auto" (under
+    # the student's autocast, bf16/fp16); on a CPU both are float32 unless --precision bf16/fp16
+    teacher_precision: str = "fp32"
     source: str = ""
 
 
 RECIPES = {
     # DistilHuBERT (SPEC 1): batch 24 utterances (~295 s), 200k steps, lr 2e-4, 7 % warm-up, clip 5.
+    # Teacher in float32: s3prl switches autocast off around it (pretrain_expert.py), on a PyTorch whose
+    # float32 matmuls ran as TF32 on Ampere GPUs by default (setup_distributed enables TF32 likewise).
     # Weight decay 0.01: s3prl's distiller builds its AdamW with AdamW_with_schedule's parameter groups,
     # 0.01 on every parameter whose name lacks "bias" (as ARMHuBERT's below; see param_groups).
     # s3prl crops utterances to 250,000 samples (15.625 s, pretrain/distiller config sequence_length)
@@ -81,13 +87,15 @@ RECIPES = {
     # parameter groups: 0.01 on every parameter whose name lacks "bias" (see param_groups), 0 on biases.
     # choice: clip 10.0 (fairseq's HuBERT value; the official config states none).
     # Targets: forward hooks on the teacher's layers, i.e. block outputs without a final LayerNorm.
+    # Teacher under autocast: the official Lightning run (precision=16) wraps the teacher like the student.
     "armhubert": Recipe("armhubert", 5e-3, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 390_600, 221.0, 8, 0.8,
-                        source="Recycle-and-Distill paper + official armhubert-960.yaml"),
+                        teacher_precision="auto", source="Recycle-and-Distill paper + official armhubert-960.yaml"),
     # CoLLD (SPEC 3): no public recipe. choice: ARMHuBERT's optimizer, batch, masking and targets,
-    # with the maskhubert geometry's lr 5e-4 (the default student), and 200k steps.
+    # with the maskhubert geometry's lr 5e-4 (the default student), and 200k steps; its teacher under
+    # autocast as ARMHuBERT's.
     "colld": Recipe("colld", 5e-4, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 200_000, 221.0, 8, 0.8,
-                    source="choice (no public recipe)"),
-    # GenDistiller (SPEC 4): no public recipe. choice: the DistilHuBERT recipe it compares to.
+                    teacher_precision="auto", source="choice (no public recipe)"),
+    # GenDistiller (SPEC 4): no public recipe. choice: the DistilHuBERT recipe it compares to (float32 teacher).
     "gendistiller": Recipe("gendistiller", 2e-4, (0.9, 0.98), 1e-6, 0.01, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
                            max_seconds=15.625, teacher_final_norm=True, source="choice: DistilHuBERT's recipe"),
 }
@@ -106,6 +114,12 @@ PAPER_TEACHER = "hubert_base"
 # ----------------------------------------------------------------------------
 # 2. Command line
 # ----------------------------------------------------------------------------
+
+
+def one_line(error):
+    """An error's message on one line (a multi-line one joined with '; ', long ones cut)."""
+    text = "; ".join(line.strip() for line in str(error).strip().splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= 400 else text[:400] + " ..."
 
 
 class FlagError(SystemExit):
@@ -220,7 +234,15 @@ def build_parser():
     g.add_argument("--max_steps", type=int, default=None, help="optimizer steps")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="student autocast: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 uses a "
-                        "gradient scaler; the teacher always runs in fp32")
+                        "gradient scaler. On GPUs float32 matmuls use TF32 unless this is fp32")
+    g.add_argument("--teacher_precision", default=None, choices=["auto", "fp32"],
+                   help="auto: the teacher runs under the student's autocast; fp32: exact float32 targets "
+                        "(default: the recipe's: fp32 for distilhubert/gendistiller, auto for armhubert/colld)")
+    g.add_argument("--traceback", action="store_true",
+                   help="an error at start (a teacher, data folder or file that cannot be used) shows its full "
+                        "traceback instead of one line")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the student and the teacher's layers (off: eager, the readable path)")
     g.add_argument("--skip_nonfinite", action="store_true",
                    help="skip (and count) a step whose loss or gradient is not finite instead of stopping")
     g = p.add_argument_group("masking (ARMHuBERT, CoLLD; fairseq compute_mask_indices semantics)")
@@ -351,6 +373,7 @@ def parse_args(argv=None):
                     max_steps=recipe.max_steps, batch_seconds=recipe.batch_seconds, accum=recipe.accum,
                     mask_prob=recipe.mask_prob, mask_type=recipe.mask_type, max_seconds=recipe.max_seconds,
                     teacher_final_norm="true" if recipe.teacher_final_norm else "false",
+                    teacher_precision=recipe.teacher_precision,
                     log_every=100, save_every=5000, val_every=5000)
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -381,8 +404,8 @@ def parse_args(argv=None):
 # Each step_METHOD(args, teacher, student, wav, lengths, seeds) returns (loss, parts) for one
 # micro-batch: wav (B, S), lengths (B,) samples; seeds = [seed, step, micro-step, rank] seeds
 # the masks and CoLLD's negatives, so a resumed run redraws them exactly. The teacher runs
-# without grad in float32 (inside Teacher.forward); the student runs in whatever autocast
-# region the caller opened. Targets: teacher layer k = layers[k - 1] (model.py section 1).
+# without grad, in float32 (--teacher_precision fp32: Teacher.exact) or in the caller's autocast
+# region like the student (auto). Targets: teacher layer k = layers[k - 1] (model.py section 1).
 # ----------------------------------------------------------------------------
 
 
@@ -554,7 +577,7 @@ def find_resume(args):
 # The flags a resumed run may change (README: Training); every other flag, teacher and data included,
 # must be the run's own.
 RESUME_MAY_CHANGE = ("max_steps", "resume", "out", "workers", "device", "log_every", "save_every", "val_every",
-                     "val", "val_batches", "keep", "skip_nonfinite")
+                     "val", "val_batches", "keep", "skip_nonfinite", "compile", "traceback")
 
 
 def check_resumable(ckpt, path, args, cfg, world):
@@ -593,6 +616,84 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lock_out_dir(out):
+    """One run per folder: OUT/.lock, created atomically (O_EXCL) with this process's id. A lock whose
+    process is gone (killed, crashed) is taken over; a live one refuses the run. Returns (lock path,
+    whether this call created the folder); release_out_dir undoes both."""
+    created = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, ".lock")
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0  # half-written by a process that died at that moment
+            if pid and pid_alive(pid):
+                raise SystemExit(f"error: --out {out} is in use by another run (process {pid}); wait for it to end "
+                                 "or choose another --out")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return path, created
+    raise SystemExit(f"error: --out {out}: could not take {path}")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
+def release_out_dir(lock):
+    """Remove the lock; a folder this run created and left empty (a failed start) goes too."""
+    path, created = lock
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    folder = os.path.dirname(path)
+    if created and os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption notice) ask the loop to stop after the current
+    step: it writes a checkpoint and exits, so `--resume auto` continues bit-exactly. A second SIGINT
+    stops at once. Under torchrun the ranks agree on the step (requested() reduces the flag)."""
+
+    def __init__(self):
+        self.name, self.previous = None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.name and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.name = signal.Signals(signum).name
+
+    def requested(self, world, device):
+        if world == 1:
+            return self.name is not None
+        flag = torch.tensor([self.name is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled: every rank stops at this step
+        return bool(flag.item())
 
 
 def check_not_another_run(out, resume):
@@ -640,10 +741,17 @@ def setup_distributed(args):
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if args.device:
         device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {args.device}: CUDA is not available on this machine (use --device cpu)")
+        if device.type == "cuda" and device.index is None:  # --device cuda: this process's GPU
+            device = torch.device("cuda", local)
     else:
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # float32 matmuls (an fp32 teacher, fp32 parts of the student) on the tensor cores as TF32, as
+        # PyTorch < 1.12 did by default on Ampere GPUs; --precision fp32 keeps full float32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -791,11 +899,23 @@ def build_student_for(args, teacher):
 def setup(args):
     """Output folder check, distributed init, teacher, student, data, optimizer, resume, in this order."""
     check_not_another_run(args.out, args.resume)
+    for flag in ("data", "val"):  # before a teacher is loaded (or downloaded)
+        path = getattr(args, flag)
+        if path not in (None, "synthetic") and not os.path.isdir(path):
+            what = "is a file" if os.path.isfile(path) else "does not exist"
+            raise ValueError(f"--{flag} {path}: {what}; expected a folder (LibriSpeech layout or any folder of "
+                             "audio files) or 'synthetic'")
     rank, world, device = setup_distributed(args)
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     teacher = model.load_teacher(args.teacher, device)
+    teacher.exact = args.teacher_precision == "fp32"
     student, fit_notes = build_student_for(args, teacher)
     raw = student.to(device)
+    if args.compile:
+        # in place (nn.Module.compile): parameter names, checkpoints and resume are those of eager mode
+        raw.compile()
+        for layer in teacher.model.encoder.transformer.layers:
+            layer.compile()
     if rank > 0:
         # every rank built the same initial weights from args.seed; from here on each rank draws
         # its own dropout noise (rank 0 keeps exactly the stream of a single-process run)
@@ -806,7 +926,7 @@ def setup(args):
             os.remove(stale)
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     say(f"method {args.method} (recipe: {RECIPES[args.method].source}), teacher {args.teacher} "
-        f"({teacher.num_layers} layers, {teacher.dim}-d), student {args.student}: "
+        f"({teacher.num_layers} layers, {teacher.dim}-d, {args.teacher_precision}), student {args.student}: "
         f"{model.count_parameters(raw) / 1e6:.2f}M parameters, targets = teacher layers {list(raw.cfg.target_layers)}")
     for note in args.applied + [f"student {n}" for n in fit_notes] + \
             [f"student {k}={v} (--{k})" for k, v in args.overrides.items()]:
@@ -1011,9 +1131,10 @@ def open_log(run):
     return open(path, "a")
 
 
-def train(run):
+def train(run, stop):
     """Steps until --max_steps: a progress line every --log_every steps (and a train_log.jsonl row),
-    a validation loss every --val_every, a checkpoint every --save_every and at the end."""
+    a validation loss every --val_every, a checkpoint every --save_every and at the end; after a
+    SIGINT / SIGTERM (`stop`), a checkpoint and exit."""
     args = run.args
     bad_files = {}  # path -> reason, files that failed to decode during training
     stream = batches(run.loader, run.sampler, run.epoch, run.position, bad_files, args.data)
@@ -1046,8 +1167,16 @@ def train(run):
             if log_file:
                 log_file.write(json.dumps({"step": step, "val_loss": val}) + "\n")
                 log_file.flush()
-        if step % args.save_every == 0 or step == args.max_steps:
+        saved = step % args.save_every == 0 or step == args.max_steps
+        if saved:
             save_checkpoint(run)
+        if stop.requested(run.world, run.device):
+            if not saved:
+                save_checkpoint(run)
+            run.say(f"stopped by {stop.name or 'another rank'} after step {step}: checkpoint "
+                    f"{os.path.join(args.out, f'ckpt-{step:08d}.pt')} written; continue with the same command "
+                    "and --resume auto")
+            raise SystemExit(128 + (signal.SIGINT if stop.name == "SIGINT" else signal.SIGTERM))
     run.say(f"done: {run.step} steps, {run.skipped} skipped, {len(bad_files)} undecodable file(s) left out; student in "
             f"{os.path.join(args.out, f'ckpt-{run.step:08d}.pt')} (load with model.load_student)")
     if log_file:
@@ -1060,11 +1189,22 @@ def main(argv=None):
         print(f"quick start: the random 'tiny' teacher on a synthetic corpus, smoke settings; a smoke test, not a "
               f"distillation. A real run: python distill.py --method {args.method} --teacher {PAPER_TEACHER} "
               "--data /path/to/LibriSpeech/train-clean-100 --val /path/to/LibriSpeech/dev-clean", flush=True)
-    run = None
+    run, lock = None, None
     try:
-        run = setup(args)
-        train(run)
+        if int(os.environ.get("RANK", "0")) == 0:
+            lock = lock_out_dir(args.out)  # before anything else: a second run on this folder stops here
+        with StopSignal() as stop:
+            try:
+                run = setup(args)
+            except (ValueError, OSError, EOFError) as e:  # bad input at start: a teacher, a folder, a file
+                if args.traceback:
+                    raise
+                print(f"distill.py: error: {one_line(e)}", file=sys.stderr, flush=True)
+                raise FlagError(f"error: {one_line(e)}") from None
+            train(run, stop)
     finally:
+        if lock:
+            release_out_dir(lock)
         # subtle: a process whose gloo process group is still alive when the interpreter shuts down can
         # abort in C++ ("terminate called without an active exception", SIGABRT) as gloo's threads are
         # torn down. destroy_process_group alone is not enough: the DDP wrapper's reducer keeps the group

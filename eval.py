@@ -41,12 +41,13 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List
 
 import torch
@@ -347,7 +348,8 @@ def build_upstream(spec, device="cpu", seed=0, flag="--upstream"):
         try:
             module = model.load_teacher(rest, "cpu")
         except ValueError as e:
-            raise ValueError(f"{flag} {spec}: {e}\n  also accepted: a distill.py checkpoint, random:NAME, "
+            reason = re.sub(rf"^(--teacher )?'?{re.escape(rest)}'?: ", "", str(e))  # the loader names it too
+            raise ValueError(f"{flag} {spec}: {reason}; also accepted: a distill.py checkpoint, random:NAME, "
                              f"random:PRESET[:TEACHER] (presets: {', '.join(model.PRESETS)}), random:CKPT, cnn:SPEC") from e
     module = module.to(device).eval()
     module.requires_grad_(False)  # frozen: the probe never changes the upstream
@@ -692,7 +694,7 @@ def check_ranges(p, args, ranges):
     """Refuse a numeric flag outside its range (and NaN, inf): one line naming flag, value and range."""
     for name, (ok, allowed) in ranges.items():
         value = getattr(args, name)
-        if not (math.isfinite(value) and ok(value)):
+        if value is not None and not (math.isfinite(value) and ok(value)):  # None: unset
             p.error(f"--{name} {value}: expected {allowed}")
 
 
@@ -740,7 +742,8 @@ def speed_rows(args, device, teacher, wav, lengths, only=None):
 
     amp = distill.autocast_dtype(args, device)
     # the student side runs under autocast like distill.py (--precision auto: bf16 on GPUs that
-    # support it, fp32 on CPU); the teacher always computes in fp32 (model.Teacher disables autocast)
+    # support it, fp32 on CPU); the teacher computes in fp32 (model.Teacher disables autocast) except
+    # in the distillation rows with --teacher_precision auto
     autocast = lambda: torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
     rows, want = [], lambda name: only is None or name == only  # noqa: E731
 
@@ -752,7 +755,7 @@ def speed_rows(args, device, teacher, wav, lengths, only=None):
 
     name = f"teacher {args.teacher} forward"
     if want(name):
-        rows.append((name, forward(teacher, wav, lengths), sum(p.numel() for p in teacher.parameters())))
+        rows.append((name, forward(teacher, wav, lengths), sum(p.numel() for p in teacher.parameters()), None))
     for preset in args.presets:
         name = f"student {preset} forward"
         if want(name):
@@ -761,30 +764,80 @@ def speed_rows(args, device, teacher, wav, lengths, only=None):
             # note: hidden_states is the deployed path (what the probe reads): distilhubert without its
             # prediction heads, gendistiller free-running
             rows.append((name, forward(student.hidden_states, wav, lengths),
-                         model.count_parameters(student, with_heads=preset != "distilhubert")))
+                         model.count_parameters(student, with_heads=preset != "distilhubert"), None))
     name = "student maskhubert layers, no heads"
     if want(name) and "maskhubert" in args.presets:
         # the computation of torchaudio's model below (its layer outputs), without the 12 heads
         student, _ = model.build_student("maskhubert", teacher, copy_weights=False)
         student = student.to(device).eval()
         rows.append((name, forward(lambda s=student: s.encode(*s.front_end(wav, lengths)[:2])),
-                     model.count_parameters(student) - sum(p.numel() for p in student.heads.parameters())))
+                     model.count_parameters(student) - sum(p.numel() for p in student.heads.parameters()), None))
     name = "torchaudio wav2vec2_model @ maskhubert size"
     if want(name):
         ta = torchaudio_maskhubert(args.seed).to(device).eval()
-        rows.append((name, forward(ta.extract_features, wav, lengths), sum(p.numel() for p in ta.parameters())))
-    for method in ([] if args.skip_distill else args.methods):
-        name = f"distill step {method}"
+        rows.append((name, forward(ta.extract_features, wav, lengths), sum(p.numel() for p in ta.parameters()), None))
+    compiled_teacher = None
+    for method, precision, compiled in [(m, p, c) for m in ([] if args.skip_distill else args.methods)
+                                        for p in args.teacher_precision for c in args.compile]:
+        name = f"distill step {method}, teacher {precision}" + (", compiled" if compiled == "on" else "")
         if not want(name):
             continue
         # the recipe of the method; "--data synthetic" is never read (the batch here is our own)
         d_args = distill.parse_args(["--method", method, "--data", "synthetic", "--seed", str(args.seed)])
         student, _ = distill.build_student_for(d_args, teacher)
         student = student.to(device).train()
+        t = teacher
+        if compiled == "on":  # as distill.py --compile: the student and the teacher's layers, in place
+            student.compile()
+            if compiled_teacher is None:
+                compiled_teacher = copy.deepcopy(teacher)
+                for layer in compiled_teacher.model.encoder.transformer.layers:
+                    layer.compile()
+            t = compiled_teacher
         opt = distill.make_optimizer(student, d_args, device)  # the method's recipe AdamW, as distill.py
-        rows.append((name, distill_step(distill, d_args, teacher, student, opt, wav, lengths, True, autocast),
-                     sum(p.numel() for p in student.parameters())))
+        step = distill_step(distill, d_args, t, student, opt, wav, lengths, True, autocast)
+
+        def fn(t=t, step=step, exact=precision == "fp32"):
+            t.exact = exact
+            try:
+                step()
+            finally:
+                t.exact = True
+        rows.append((name, fn, sum(p.numel() for p in student.parameters()),
+                     step_flops(method, teacher, student, args.batch * args.seconds)))
     return rows
+
+
+def step_flops(method, teacher, student, seconds):
+    """FLOPs of one distillation step from the MAC counts (model.count_macs): 2 FLOPs per MAC; the
+    teacher's forward (ARMHuBERT: a second pass without the conv front end, which the mask does not
+    touch), the student's forward and its backward (2x the forward). GenDistiller counts its cached
+    free-running forward (teacher forcing attends to a few more keys)."""
+    cfg = model.fit_to_teacher(replace(model.HUBERT_BASE, init_from_teacher=True, num_layers=teacher.num_layers),
+                               teacher)[0]
+    teacher_macs = model.count_macs(cfg, seconds, with_heads=False)
+    if method == "armhubert":
+        front_end = model.count_macs(replace(cfg, num_layers=0, target_layers=()), seconds, with_heads=False)
+        teacher_macs = 2 * teacher_macs - front_end
+    return 2 * (teacher_macs + 3 * model.count_macs(student.cfg, seconds))
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, the vendors' data sheets), for the MFU column; --peak_tflops
+# names another.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+def peak_tflops(args, device):
+    """(peak TFLOP/s, where it comes from) of the device for the MFU column, or (None, why not)."""
+    if args.peak_tflops:
+        return args.peak_tflops, "--peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value, f"{name}: dense bf16 peak"
+        return None, f"{name}: peak unknown, pass --peak_tflops"
+    return None, "no peak for a CPU, pass --peak_tflops"
 
 
 def distill_step(code, d_args, teacher, student, opt, wav, lengths, foreach, autocast=contextlib.nullcontext):
@@ -835,11 +888,11 @@ def against_rows(args, device, teacher, wav, lengths):
     their_teacher = their_model.teacher_from_checkpoint(ckpt, name=teacher.name).to(device)
     first = lambda built: built[0] if isinstance(built, tuple) else built  # noqa: E731
     rows = [(f"teacher {args.teacher} forward" + tag, torch.no_grad()(lambda: their_teacher(wav, lengths)),
-             sum(p.numel() for p in their_teacher.parameters()))]
+             sum(p.numel() for p in their_teacher.parameters()), None)]
     for preset in args.presets:
         student = first(their_model.build_student(preset, their_teacher)).to(device).eval()
         rows.append((f"student {preset} forward" + tag, torch.no_grad()(lambda s=student: s.hidden_states(wav, lengths)),
-                     sum(p.numel() for p in student.parameters())))
+                     sum(p.numel() for p in student.parameters()), None))
     for method in ([] if args.skip_distill else args.methods):
         d_args = their_distill.parse_args(["--method", method, "--data", "synthetic", "--seed", str(args.seed)])
         student = first(their_distill.build_student_for(d_args, their_teacher)).to(device).train()
@@ -848,9 +901,9 @@ def against_rows(args, device, teacher, wav, lengths):
         else:
             opt, foreach = torch.optim.AdamW(their_distill.param_groups(student, d_args.weight_decay), lr=d_args.lr,
                                              betas=d_args.betas, eps=d_args.eps), None
-        rows.append((f"distill step {method}" + tag,
+        rows.append((f"distill step {method}, teacher fp32" + tag,
                      distill_step(their_distill, d_args, their_teacher, student, opt, wav, lengths, foreach),
-                     sum(p.numel() for p in student.parameters())))
+                     sum(p.numel() for p in student.parameters()), None))
     return rows
 
 
@@ -876,7 +929,8 @@ def row_peak_memory_mb(args, name):
         return None  # measured in place by run_speed
     argv = [sys.executable, os.path.abspath(__file__), "speed", "--row", name, "--teacher", args.teacher,
             "--seconds", str(args.seconds), "--batch", str(args.batch), "--seed", str(args.seed),
-            "--device", args.device, "--precision", args.precision, "--threads", str(args.threads)]
+            "--device", args.device, "--precision", args.precision, "--threads", str(args.threads),
+            "--teacher_precision", *args.teacher_precision, "--compile", *args.compile]
     proc = subprocess.run(argv, capture_output=True, text=True)
     found = [line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("peak rss mb ")]
     if proc.returncode != 0 or not found:
@@ -908,7 +962,7 @@ def run_speed(args):
         rows += against_rows(args, device, teacher, wav, lengths)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
     if args.row:  # a child of row_peak_memory_mb: this row alone, then its peak
-        (name, fn, _), = rows
+        (name, fn, _, _), = rows
         try:  # Linux: restart the high-water mark at the current RSS, so building the models does not count
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -921,7 +975,7 @@ def run_speed(args):
     print(f"speed: batch {args.batch} x {args.seconds} s of noise on {device}, {len(rows)} rows round-robin, "
           f"{args.warmup} warm-up + {args.repeats} timed rounds", flush=True)
     peaks = {}
-    for name, fn, _ in rows:  # warm-up: allocation, autotuning, lazy init
+    for name, fn, _, _ in rows:  # warm-up: allocation, autotuning, lazy init (and compiling)
         if device.type == "cuda":
             sync()
             torch.cuda.reset_peak_memory_stats(device)
@@ -930,10 +984,10 @@ def run_speed(args):
         sync()
         if device.type == "cuda":
             peaks[name] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    wall = {name: [] for name, _, _ in rows}
-    cpu = {name: [] for name, _, _ in rows}
+    wall = {name: [] for name, _, _, _ in rows}
+    cpu = {name: [] for name, _, _, _ in rows}
     for r in range(args.repeats):
-        for name, fn, _ in rows:
+        for name, fn, _, _ in rows:
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
@@ -944,19 +998,21 @@ def run_speed(args):
     teacher_name = rows[0][0]
     audio_seconds = args.batch * args.seconds
     table = []
-    for name, _, params in rows:
+    peak, peak_source = peak_tflops(args, device)
+    for name, _, params, flops in rows:
         ms = statistics.median(wall[name])
         table.append({"model": name, "params_m": params / 1e6, "ms": ms, "ms_min": min(wall[name]),
                       "ms_max": max(wall[name]), "cpu_ms": statistics.median(cpu[name]),
                       "audio_s_per_s": audio_seconds / (ms / 1000),
                       "x_teacher": statistics.median(w / t for w, t in zip(wall[name], wall[teacher_name])),
-                      "peak_mem_mb": peaks.get(name)})
+                      "peak_mem_mb": peaks.get(name),
+                      "mfu": flops / (ms / 1000) / (peak * 1e12) if flops and peak else None})
     if device.type != "cuda" and not args.no_memory:
         for r in table:
             if not r["model"].endswith("]"):  # --against rows: their code, no child process of ours
                 print(f"  peak memory of {r['model']} ...", flush=True)
                 r["peak_mem_mb"] = row_peak_memory_mb(args, r["model"])
-    print(markdown_table(table, device, args))
+    print(markdown_table(table, device, args, peak_source))
     if args.against:
         # speed-up of this checkout over the other one, per round (same batch, same machine moment)
         print(f"\nSpeed-up over {args.against} (median over rounds of their time / ours in the same round):")
@@ -972,15 +1028,17 @@ def run_speed(args):
     return table
 
 
-def markdown_table(rows, device, args):
+def markdown_table(rows, device, args, peak_source):
     mem = "peak CUDA mem (MB)" if device.type == "cuda" else "peak RSS alone (MB)"
-    lines = [f"| model | params (M) | ms (median) | ms min–max | CPU ms | audio s / s | {mem} | x teacher fwd |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| model | params (M) | ms (median) | ms min–max | CPU ms | audio s / s | {mem} | x teacher fwd | MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         peak = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
         lines.append(f"| {r['model']} | {r['params_m']:.2f} | {r['ms']:.1f} | {r['ms_min']:.0f}–{r['ms_max']:.0f} | "
-                     f"{r['cpu_ms']:.0f} | {r['audio_s_per_s']:.1f} | {peak} | {r['x_teacher']:.2f} |")
-    note = ("\nx teacher fwd: median over rounds of (row time / teacher time in the same round). "
+                     f"{r['cpu_ms']:.0f} | {r['audio_s_per_s']:.1f} | {peak} | {r['x_teacher']:.2f} | {mfu} |")
+    note = (f"\nMFU (distillation steps): FLOPs from the MAC counts (eval.step_flops) / time / peak ({peak_source})."
+            "\nx teacher fwd: median over rounds of (row time / teacher time in the same round). "
             + ("" if device.type == "cuda" else "CPU ms: process CPU time (all threads). Peak RSS: the row run "
                "alone in a fresh process holding the teacher and that row's model, peak while it runs."))
     return (f"\nBatch {args.batch} x {args.seconds} s, {device}, {torch.get_num_threads()} threads, median of "
@@ -1005,8 +1063,13 @@ def add_speed_command(sub):
                     help="distill.py methods to time one training step of (student = the method's default preset)")
     sp.add_argument("--skip_distill", action="store_true", help="do not time distillation steps (reported as skipped)")
     sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                    help="student autocast as in distill.py: auto = bf16 on GPUs that support it, fp32 on CPU; "
-                         "the teacher always runs in fp32")
+                    help="student autocast as in distill.py: auto = bf16 on GPUs that support it, fp32 on CPU")
+    sp.add_argument("--teacher_precision", nargs="+", default=["fp32"], choices=["fp32", "auto"],
+                    help="distillation rows for each: the teacher in fp32 or under the student's autocast")
+    sp.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
+                    help="distillation rows for each: eager, or torch.compile'd as distill.py --compile")
+    sp.add_argument("--peak_tflops", type=float, default=None,
+                    help="the device's peak TFLOP/s for the MFU column (default: dense bf16 of a known GPU)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the random weights and audio")
     sp.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
@@ -1023,6 +1086,7 @@ SPEED_RANGES = {
     "seconds": (lambda v: v * data.SAMPLE_RATE >= data.MIN_SAMPLES, f">= {data.MIN_SAMPLES / data.SAMPLE_RATE} s (one frame)"),
     "batch": (lambda v: v >= 1, ">= 1"), "repeats": (lambda v: v >= 1, ">= 1"), "warmup": (lambda v: v >= 0, ">= 0"),
     "seed": (lambda v: v >= 0, ">= 0"), "threads": (lambda v: v >= 0, ">= 0 (0 = torch's default)"),
+    "peak_tflops": (lambda v: v > 0, "> 0"),
 }
 
 
@@ -1062,4 +1126,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # an ordinary mistake (a path, a file that is not what the flag expects) is one line, exit status 2;
+    # --traceback shows where it was raised
+    show = "--traceback" in sys.argv
+    try:
+        main([a for a in sys.argv[1:] if a != "--traceback"])
+    except (ValueError, OSError, EOFError) as e:
+        if show:
+            raise
+        message = "; ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+        print(f"eval.py: error: {message or type(e).__name__}", file=sys.stderr)
+        sys.exit(2)

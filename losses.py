@@ -69,7 +69,7 @@ def teacher_targets(layers, target_layers, target_norm="none"):
     A post-LN teacher (HuBERT Base) already ends every block in a LayerNorm, so this mainly matters
     for pre-LN teachers (Large models, the kit teacher), whose residual stream grows with depth.
     """
-    targets = [layers[k - 1] for k in target_layers]
+    targets = [layers[k - 1].float() for k in target_layers]  # float32 also from a teacher under autocast
     if target_norm == "layer_norm":
         targets = [F.layer_norm(t, t.shape[-1:]) for t in targets]
     elif target_norm != "none":

@@ -24,6 +24,7 @@ Example:
     python model.py export-hf runs/distilhubert-hubert_base/ckpt-00200000.pt distilhubert-hf/
 """
 import ast
+import contextlib
 import math
 import re
 import types
@@ -202,6 +203,9 @@ class ConvBlock(nn.Module):
         self.layer_norm = norm  # GroupNorm(C, C), LayerNorm(C) or None
 
 
+# POS_CONV_FP32: the positional conv (one conv, a few % of the MACs) always runs in float32, also under
+# autocast: PyTorch's CPU bf16 grouped conv1d returns wrong values (errors ~100 %) for groups of 8-12
+# channels (seen with torch 2.11 at 192-d / 16 groups, the kit teacher's shape); 4 or 16+ are right.
 class FrontEnd(nn.Module):
     """wav -> X0, the transformer input: conv stack, feature LayerNorm (+ projection), input dropout,
     mask embedding, convolutional positional embedding. Shared by Student and GenDistiller.
@@ -264,7 +268,8 @@ class FrontEnd(nn.Module):
             x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)  # masked frames -> learned vector
         valid = data.valid_frames(frame_lengths, x.shape[1])  # (B, T)
         x = x.masked_fill(~valid[..., None], 0.0)  # padded frames must not enter the positional conv
-        pos = self.pos_conv(x.transpose(1, 2))  # (B, D, T + 1) for an even kernel
+        with torch.autocast(x.device.type, enabled=False):  # see POS_CONV_FP32
+            pos = self.pos_conv(x.float().transpose(1, 2)).to(x.dtype)  # (B, D, T + 1) for an even kernel
         pos = pos[..., : x.shape[1]]  # drop the extra frame of the even kernel: (B, D, T)
         x = x + F.gelu(pos).transpose(1, 2)  # (B, T, D)
         if self.pos_norm is not None:
@@ -968,8 +973,10 @@ class Teacher(nn.Module):
       teacher's mask embedding right after the feature projection (fairseq HuBERT order);
       layers: list of L tensors (B, T, D), layers[k-1] = output of transformer block k;
       final_norm: a pre-LN teacher's last layer goes through the encoder's final LayerNorm.
-    The teacher is always in eval mode, without grad, layerdrop off, and runs in float32
-    even inside an autocast region (SPEC section 0).
+    The teacher is always in eval mode, without grad, layerdrop off. `exact` (distill.py
+    --teacher_precision fp32, the default here): it runs in float32 even inside an autocast
+    region (SPEC section 0); exact=False (--teacher_precision auto): it runs under the caller's
+    autocast like the student (bf16/fp16 matmuls; autocast keeps norms and softmax in float32).
     """
 
     def __init__(self, model, config, mask_emb=None, normalize_waveform=False, name="teacher"):
@@ -989,8 +996,13 @@ class Teacher(nn.Module):
             mask_emb = torch.zeros(self.dim)
         self.register_buffer("mask_emb", mask_emb.float().reshape(self.dim))
         self.model.encoder.transformer.layer_drop = 0.0
+        self.exact = True
         self.requires_grad_(False)
         self.eval()
+
+    def precision(self, device_type):
+        """The region the teacher computes in: autocast off (exact float32) or the caller's own."""
+        return torch.autocast(device_type, enabled=False) if self.exact else contextlib.nullcontext()
 
     def train(self, mode=True):
         # A teacher never leaves eval mode: dropout in the targets would be noise.
@@ -999,7 +1011,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def cnn_features(self, wav, lengths):
         """Conv front end output (B, T, C) and frame_lengths: the `cnn:` floor of eval.py."""
-        with torch.autocast(wav.device.type, enabled=False):
+        with self.precision(wav.device.type):
             wav = wav.float()
             if self.normalize_waveform:  # Large/XLS-R models were trained on per-utterance standardised audio
                 wav = standardize_waveform(wav, lengths)
@@ -1013,14 +1025,14 @@ class Teacher(nn.Module):
     def features(self, wav, lengths):
         """The front end: conv + feature projection, (B, T, D) and frame_lengths. The mask does not
         touch it, so ARMHuBERT's clean and masked teacher passes share it (distill.step_armhubert)."""
-        with torch.autocast(wav.device.type, enabled=False):
+        with self.precision(wav.device.type):
             features, frame_lengths = self.cnn_features(wav, lengths)  # (B, T, C)
             return self.model.encoder.feature_projection(features), frame_lengths  # LayerNorm, Linear, dropout
 
     @torch.no_grad()
     def encode(self, x, frame_lengths, mask=None, final_norm=False):
         """The transformer on features x (B, T, D): mask embedding, positional conv, the L blocks."""
-        with torch.autocast(x.device.type, enabled=False):
+        with self.precision(x.device.type):
             encoder = self.model.encoder
             pad = ~data.valid_frames(frame_lengths, x.shape[1])  # (B, T): torchaudio's layers take padding masks
             if mask is not None:
@@ -1028,7 +1040,8 @@ class Teacher(nn.Module):
             x = x.masked_fill(pad[..., None], 0.0)  # as torchaudio: padded frames are zero
             # torchaudio's Transformer._preprocess: x + pos_conv(x), then the LayerNorm for
             # post-LN (Base) models; pre-LN (Large) models apply it after the last block instead.
-            x = encoder.transformer._preprocess(x)
+            with torch.autocast(x.device.type, enabled=False):  # see POS_CONV_FP32
+                x = encoder.transformer._preprocess(x.float())
             layers, position_bias = [], None
             for layer in encoder.transformer.layers:
                 if self.is_wavlm:  # WavLM attention takes a key padding mask, not an additive mask
@@ -1086,7 +1099,12 @@ def load_teacher(name_or_path, device="cpu"):
         config, normalize = bundle_config(name_or_path)
         bundle = getattr(torchaudio.pipelines, BUNDLES[name_or_path.lower()])
         # the weights download from torchaudio's server on first use (cached by torch.hub)
-        ckpt = {"config": config, "state_dict": bundle._get_state_dict(None), "normalize_waveform": normalize}
+        try:
+            state = bundle._get_state_dict(None)
+        except OSError as e:  # no network, a proxy, a full disk
+            raise ValueError(f"--teacher {name_or_path}: torchaudio could not download the bundle ({e}); without "
+                             "a network pass a local teacher file or folder (README: Teachers)") from e
+        ckpt = {"config": config, "state_dict": state, "normalize_waveform": normalize}
     elif os.path.isdir(name_or_path):
         ckpt = hf_to_torchaudio(name_or_path)
     elif os.path.isfile(name_or_path):
@@ -1342,7 +1360,11 @@ def read_checkpoint(path):
             first = first or e
             found = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
             if not found or found.group(1) in [n for _, n in stubs]:
-                raise ValueError(f"--teacher {path}: cannot read as a torch checkpoint ({first})") from e
+                # note: torch's own message advises weights_only=False, wrong advice for an untrusted file
+                reason = str(first).strip().splitlines()[0][:160] if str(first).strip() else ""
+                if reason.startswith("Weights only load failed"):
+                    reason = "its pickle holds objects the safe loader refuses"
+                raise ValueError(f"{path}: not a readable torch checkpoint ({type(first).__name__}: {reason})") from e
             name = found.group(1)
             stubs.append((type(name.rpartition(".")[2], (PickledObject,), {}), name))
     else:
@@ -1447,6 +1469,13 @@ def hf_to_torchaudio(folder):
         problems.append("conv_pos_batch_norm=True")
     if problems:
         raise ValueError(f"--teacher {folder}: {', '.join(problems)} in config.json has no torchaudio counterpart")
+    needed = ["conv_dim", "conv_kernel", "conv_stride", "hidden_size", "num_conv_pos_embeddings",
+              "num_conv_pos_embedding_groups", "num_hidden_layers", "num_attention_heads", "intermediate_size"] + \
+        (["num_buckets", "max_bucket_distance"] if kind == "wavlm" else [])
+    missing = [k for k in needed if k not in hf]
+    if missing:
+        raise ValueError(f"--teacher {folder}: config.json lacks {missing} (a {kind} config written by "
+                         "save_pretrained has them)")
     config = dict(
         extractor_mode="group_norm" if hf.get("feat_extract_norm", "group") == "group" else "layer_norm",
         extractor_conv_layer_config=[tuple(c) for c in zip(hf["conv_dim"], hf["conv_kernel"], hf["conv_stride"])],

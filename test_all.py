@@ -8,6 +8,7 @@ attention, padded == single runs, DDP == one process, resumed == straight), hand
 values, overfitting one batch, masking statistics, the papers' parameter counts, and the
 documented errors.
 """
+import copy
 import dataclasses
 from dataclasses import replace
 import glob
@@ -1347,6 +1348,83 @@ def test_model_main_prints_the_table():
         assert name in rows
 
 
+# ----------------------------------------------------------------------------- teacher precision
+
+def _mt_precision_teachers(tiny_teacher):
+    torch.manual_seed(38)
+    pre_cfg = dict(_MT_GN_CFG, encoder_layer_norm_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pre = model.teacher_from_checkpoint({"config": pre_cfg,
+                                             "state_dict": torchaudio.models.wav2vec2_model(**pre_cfg).state_dict()})
+    return {"post_ln": tiny_teacher, "pre_ln": pre, "wavlm": _mt_wavlm_teacher(seed=39, encoder_num_layers=3)}
+
+
+@pytest.mark.parametrize("which", ["post_ln", "pre_ln", "wavlm"])
+def test_model_teacher_under_bf16_autocast_is_within_tolerance(which, tiny_teacher):
+    # --teacher_precision auto: the teacher runs under the student's autocast. bf16 keeps 8 bits of
+    # mantissa and the error compounds over the layers: every layer within 10 % of its largest value
+    # (measured here: 0.4-6 %). --teacher_precision fp32 (exact) ignores the autocast bit for bit.
+    teacher = _mt_precision_teachers(tiny_teacher)[which]
+    wav, lengths = _mt_wav([8000, 6000], seed=40, garbage=False)
+    ref, fl = teacher(wav, lengths)
+    valid = data.valid_frames(fl, ref[0].shape[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact, _ = teacher(wav, lengths)
+        teacher.exact = False
+        try:
+            low, _ = teacher(wav, lengths)
+        finally:
+            teacher.exact = True
+    assert all(torch.equal(a, b) for a, b in zip(exact, ref))
+    assert not torch.equal(low[-1].float(), ref[-1])  # it did compute in bf16
+    for a, b in zip(low, ref):
+        assert (a.float()[valid] - b[valid]).abs().max() <= 0.10 * b[valid].abs().max()
+
+
+def test_distill_step_with_a_bf16_teacher_is_close_to_the_fp32_teacher_step(tiny_teacher):
+    args = distill.parse_args(["--method", "armhubert", "--data", "x"])
+    assert args.teacher_precision == "auto"  # the official ARMHuBERT run: teacher under autocast
+    assert distill.parse_args(["--method", "distilhubert", "--data", "x"]).teacher_precision == "fp32"  # s3prl
+    student = _mt_student(_mt_cfg("armhubert", tiny_teacher))
+    wav, lengths = _mt_wav([8000, 6000], seed=41, garbage=False)
+    losses_by = {}
+    for exact in (True, False):
+        tiny_teacher.exact = exact
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses_by[exact], _ = distill.step_armhubert(args, tiny_teacher, student, wav, lengths, [0, 1, 0, 0])
+        finally:
+            tiny_teacher.exact = True
+    assert torch.isfinite(losses_by[False])
+    assert abs(float(losses_by[False]) - float(losses_by[True])) <= 0.05 * float(losses_by[True])
+
+
+def test_distill_compile_equals_eager_and_keeps_parameter_names(tiny_teacher, tmp_path):
+    # --compile: torch.compile (inductor, C++ on a CPU) of the student in place; one step's loss and
+    # gradients equal eager within 1e-5 (eval mode: no dropout draws to differ), and the parameter
+    # names, so checkpoints and resume, are eager's
+    args = distill.parse_args(["--method", "distilhubert", "--data", "x"])
+    eager = _mt_student(_mt_cfg("distilhubert", tiny_teacher))
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    wav, lengths = _mt_wav([6000, 5000], seed=42, garbage=False)
+    (a, _), (b, _) = [distill.step_distilhubert(args, tiny_teacher, s, wav, lengths, [0, 0, 0, 0])
+                      for s in (eager, compiled)]
+    a.backward()
+    b.backward()
+    assert abs(float(a) - float(b)) <= 1e-5
+    for (name, p), (name_c, q) in zip(eager.named_parameters(), compiled.named_parameters()):
+        assert name == name_c
+        _mt_close(q.grad, p.grad, atol=1e-5)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    # distill.py --compile compiles the student and the teacher's layers in place (lazily: nothing runs here)
+    run = distill.setup(distill.parse_args(["--method", "distilhubert", "--teacher", "tiny", "--data", "synthetic",
+                                            "--compile", "--workers", "0", "--out", str(tmp_path / "run")]))
+    assert run.raw._compiled_call_impl is not None and not any(k.startswith("_orig_mod") for k in run.raw.state_dict())
+    assert all(layer._compiled_call_impl is not None for layer in run.teacher.model.encoder.transformer.layers)
+
+
 # ----------------------------------------------------------------------------- init from teacher
 
 @pytest.mark.parametrize("which", ["tiny", "wavlm_base", "wavlm_large"])
@@ -2453,6 +2531,141 @@ def test_distill_torchrun_two_ranks_resume_exactly(tmp_path):
     _dt_assert_same_tree(ca["rng"], cb["rng"], "rng")
 
 
+# ----------------------------------------------------------------------------- SIGTERM / SIGINT, the folder lock, the device
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_distill_stop_signal_saves_a_checkpoint_and_resumes_bit_exactly(sig, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    argv = ["--method", "distilhubert"] + _DT_RUN + ["--max_steps", "30", "--save_every", "100", "--log_every", "1",
+                                                     "--workers", "0"]  # the last of a flag wins
+    out = str(tmp_path / "stopped")
+    proc = subprocess.Popen([sys.executable, "distill.py"] + argv + ["--out", out], cwd=_DT_DIR, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # the signal arrives during step 3 (or later)
+            lines.append(line)
+            if line.startswith("step 2/30"):
+                proc.send_signal(sig)
+                break
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    said = [line for line in rest.splitlines() if line.startswith("stopped by")]
+    assert len(said) == 1 and signal.Signals(sig).name in said[0] and "--resume auto" in said[0], rest
+    step = int(re.search(r"after step (\d+)", said[0]).group(1))
+    assert 2 <= step < 30 and [os.path.basename(p) for p in _dt_ckpts(out)] == [f"ckpt-{step:08d}.pt"]
+    assert not os.path.exists(os.path.join(out, ".lock"))  # released on the way out
+    distill.main(argv + ["--out", out, "--resume", "auto"])
+    straight = str(tmp_path / "straight")
+    distill.main(argv + ["--out", straight])
+    _dt_assert_same_state(_dt_load(os.path.join(out, "ckpt-00000030.pt"))["student"],
+                          _dt_load(os.path.join(straight, "ckpt-00000030.pt"))["student"])
+
+
+def test_distill_one_run_per_folder(tmp_path):
+    out = str(tmp_path / "run")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.makedirs(out)
+        with open(os.path.join(out, ".lock"), "w") as f:  # a live run holds the folder
+            f.write(str(sleeper.pid))
+        with pytest.raises(SystemExit, match=rf"--out {re.escape(out)} is in use by another run \(process {sleeper.pid}\)"):
+            distill.main(["--method", "distilhubert", "--max_steps", "1", "--workers", "0", "--out", out] + _DT_RUN)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # its process is gone: the stale lock is taken over, and released at the end
+    distill.main(["--method", "distilhubert", "--max_steps", "1", "--workers", "0", "--out", out] + _DT_RUN)
+    assert os.path.exists(os.path.join(out, "ckpt-00000001.pt")) and not os.path.exists(os.path.join(out, ".lock"))
+    # a start that fails leaves no empty folder behind
+    empty = str(tmp_path / "never")
+    with pytest.raises(SystemExit):
+        distill.main(["--method", "distilhubert", "--teacher", "no_such_teacher", "--data", "synthetic", "--out", empty])
+    assert not os.path.exists(empty)
+
+
+def test_distill_device_cuda_resolves_to_the_process_gpu(monkeypatch):
+    args = distill.parse_args(["--method", "distilhubert", "--device", "cuda"])
+    if not torch.cuda.is_available():  # a one-line error, not torch's traceback
+        with pytest.raises(SystemExit, match=r"^error: --device cuda: CUDA is not available on this machine"):
+            distill.setup_distributed(args)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distill.setup_distributed(args)[2] == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    args.device = "cuda:0"  # an explicit index stays
+    assert distill.setup_distributed(args)[2] == torch.device("cuda", 0)
+
+
+def _dt_bad_inputs(tmp_path):
+    """Ordinary mistakes a new user makes, as (flags, what the one line must say)."""
+    (tmp_path / "rand.pt").write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(3000)))
+    (tmp_path / "j.json").write_text('{"a": 1}')
+    torch.save(model.random_teacher_checkpoint("tiny"), tmp_path / "full.pt")
+    (tmp_path / "trunc.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:20000])
+    for name, config in [("hf_no_weights", dict(_hf_config_of_tiny())), ("hf_bert", {"model_type": "bert"}),
+                         ("hf_partial", {"model_type": "hubert"})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    audio = tmp_path / "one.flac"
+    sf.write(str(audio), np.zeros(16000, np.float32), 16000)
+    t = str(tmp_path)
+    return [
+        (["--data", "/no/such/dir"], "--data /no/such/dir: does not exist"),
+        (["--data", str(audio)], f"--data {audio}: is a file"),
+        (["--teacher", "hubret_base", "--data", "synthetic"], "'hubret_base': not a file, not 'tiny' and not a bundle"),
+        (["--teacher", f"{t}/hf_no_weights", "--data", "synthetic"], "no model.safetensors or pytorch_model.bin"),
+        (["--teacher", f"{t}/hf_bert", "--data", "synthetic"], "model_type 'bert'"),
+        (["--teacher", f"{t}/hf_partial", "--data", "synthetic"], "config.json lacks ['conv_dim'"),
+        (["--teacher", f"{t}/trunc.pt", "--data", "synthetic"], "trunc.pt: not a readable torch checkpoint"),
+        (["--teacher", f"{t}/rand.pt", "--data", "synthetic"], "rand.pt: not a readable torch checkpoint"),
+        (["--teacher", f"{t}/j.json", "--data", "synthetic"], "j.json: not a readable torch checkpoint"),
+        (["--teacher", "tiny", "--data", "synthetic", "--val", "/no/val"], "--val /no/val: does not exist"),
+    ]
+
+
+def _hf_config_of_tiny():
+    c = model.TINY_TEACHER_CONFIG
+    return {"model_type": "hubert", "conv_dim": [x[0] for x in c["extractor_conv_layer_config"]],
+            "conv_kernel": [x[1] for x in c["extractor_conv_layer_config"]],
+            "conv_stride": [x[2] for x in c["extractor_conv_layer_config"]], "feat_extract_norm": "layer",
+            "hidden_size": 48, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4,
+            "num_hidden_layers": 12, "num_attention_heads": 4, "intermediate_size": 96}
+
+
+def test_distill_ordinary_mistakes_are_one_line_errors(tmp_path, capsys):
+    for flags, said in _dt_bad_inputs(tmp_path):
+        out = str(tmp_path / "out")
+        with pytest.raises(SystemExit) as e:
+            distill.main(["--method", "distilhubert", "--out", out, "--workers", "0"] + flags)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and said in err[0], (flags, err)
+        assert err[0].startswith("distill.py: error: ") and "weights_only" not in err[0]
+        assert not os.path.exists(out)  # a failed start leaves no folder behind
+    with pytest.raises(ValueError):  # --traceback: the error itself, with its traceback
+        distill.main(["--method", "distilhubert", "--teacher", "hubret_base", "--data", "synthetic", "--traceback",
+                      "--out", str(tmp_path / "out")])
+
+
+def test_eval_probe_with_a_file_that_is_no_upstream_is_one_line(tmp_path):
+    (tmp_path / "j.json").write_text('{"a": 1}')
+    corpus = tmp_path / "c" / "1" / "0"  # one utterance in LibriSpeech layout
+    corpus.mkdir(parents=True)
+    sf.write(str(corpus / "1-0-0000.flac"), np.zeros(16000, np.float32), 16000)
+    (corpus / "1-0.trans.txt").write_text("1-0-0000 HELLO\n")
+    c = str(tmp_path / "c")
+    proc = subprocess.run([sys.executable, "eval.py", "probe", "--upstream", str(tmp_path / "j.json"), "--train",
+                           c, "--dev", c, "--test", c, "--unit", "char"],
+                          cwd=_DT_DIR, capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("eval.py: error: "), proc.stderr[-2000:]
+    assert f"--upstream {tmp_path / 'j.json'}: not a readable torch checkpoint" in err[0]
+
+
 # ----------------------------------------------------------------------------- SIGKILL at random moments
 
 def test_distill_sigkill_leaves_loadable_checkpoints_and_resumes(tmp_path):
@@ -2930,7 +3143,8 @@ _EV_BAD_FLAGS = [(_EV_PROBE, [f"--{name}", value]) for name, value in [
     ("steps", "0"), ("eval_every", "0"), ("batch_size", "0"), ("extract_batch", "0"), ("train_limit", "-1"),
     ("dev_limit", "-1"), ("test_limit", "-1"), ("lr", "0"), ("lr", "nan"), ("clip", "-1"), ("max_cache_gb", "0"),
     ("seed", "-1"), ("threads", "-1")]] + [(["speed"], [f"--{name}", value]) for name, value in [
-    ("seconds", "0.01"), ("batch", "0"), ("repeats", "0"), ("warmup", "-1"), ("seed", "-1"), ("threads", "-2")]]
+    ("seconds", "0.01"), ("batch", "0"), ("repeats", "0"), ("warmup", "-1"), ("seed", "-1"), ("threads", "-2"),
+    ("peak_tflops", "0")]]
 
 
 @pytest.mark.parametrize("base,flag", _EV_BAD_FLAGS, ids=[" ".join(b[:1] + f) for b, f in _EV_BAD_FLAGS])
@@ -2957,7 +3171,7 @@ def test_speed_prints_table(capsys, tmp_path):
     out = tmp_path / "speed.json"
     rows = ev.main(["speed", "--teacher", "tiny", "--seconds", "0.5", "--batch", "2", "--repeats", "2",
                     "--presets", "distilhubert", "maskhubert", "--methods", "distilhubert", "--threads", "1",
-                    "--out", str(out)])
+                    "--teacher_precision", "fp32", "auto", "--peak_tflops", "0.5", "--out", str(out)])
     text = capsys.readouterr().out
     assert "| model | params (M) | ms (median) |" in text and "|---|" in text
     names = [r["model"] for r in rows]
@@ -2966,7 +3180,11 @@ def test_speed_prints_table(capsys, tmp_path):
     assert any(n.startswith("torchaudio wav2vec2_model") for n in names)
     assert rows[0]["x_teacher"] == 1.0 and all(r["ms"] > 0 and r["cpu_ms"] > 0 for r in rows)
     saved = json.loads(out.read_text())
-    assert len(saved["rows"]) == len(rows) and "distill step distilhubert" in names
+    assert len(saved["rows"]) == len(rows)
+    steps = [r for r in rows if r["model"].startswith("distill step distilhubert")]
+    assert [r["model"] for r in steps] == ["distill step distilhubert, teacher fp32", "distill step distilhubert, teacher auto"]
+    # MFU = the step's FLOPs from the MAC counts / time / the given peak; forwards have none
+    assert all(0 < r["mfu"] < 1 for r in steps) and rows[0]["mfu"] is None and "MFU" in text
     # round-robin: every row has one time per round, and x_teacher is the median of per-round ratios
     assert all(len(v) == 2 for v in saved["wall_ms"].values())
     for r in rows:
@@ -2986,7 +3204,7 @@ def test_speed_against_another_checkout_times_both_in_the_same_rounds(capsys, tm
     rows = ev.main(["speed", "--teacher", "tiny", "--seconds", "0.5", "--batch", "2", "--repeats", "2", "--presets",
                     "gendistiller", "--methods", "armhubert", "--threads", "1", "--no_memory", "--against", str(other)])
     names = [r["model"] for r in rows]
-    assert f"distill step armhubert [{other}]" in names and f"student gendistiller forward [{other}]" in names
+    assert f"distill step armhubert, teacher fp32 [{other}]" in names and f"student gendistiller forward [{other}]" in names
     text = capsys.readouterr().out
-    assert f"Speed-up over {other}" in text and "distill step armhubert: " in text
+    assert f"Speed-up over {other}" in text and "distill step armhubert, teacher fp32: " in text
     assert model.__file__ != str(other / "model.py") and sys.modules["model"] is model  # ours untouched
