@@ -4,7 +4,7 @@ length-bucketed batching and HuBERT-style span masking.
 What this file holds, top to bottom:
   1. Conventions: 16 kHz mono float32 audio and the conv front end's frame count (SPEC s.0).
   2. load_audio: read any file soundfile can read, average channels, resample to 16 kHz.
-  3. Corpus scanning: scan_audio (LibriSpeech layout or any folder of .flac/.wav), the
+  3. Corpus scanning: scan_audio (LibriSpeech layout or any folder of audio files), the
      report of bad files, read_transcripts (LibriSpeech *.trans.txt, used by eval.py).
   4. SyntheticSpeech: a deterministic, speech-like corpus generated on the fly, so that the
      whole pipeline runs and is tested without downloading anything (`--data synthetic`).
@@ -54,7 +54,9 @@ SAMPLE_RATE = 16000  # Hz; every waveform in this project is mono float32 at thi
 HUBERT_CONV = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 MIN_SAMPLES = 400  # the shortest input that gives one frame (the receptive field)
 
-AUDIO_EXTENSIONS = (".flac", ".wav")  # what scan_audio collects (case-insensitive)
+# what scan_audio collects (case-insensitive): the audio formats soundfile (libsndfile) reads; a file its
+# build cannot decode is reported as unreadable, not skipped in silence
+AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64", ".sph")
 
 
 def frame_count(num_samples, conv_layers=HUBERT_CONV):
@@ -145,7 +147,7 @@ def load_audio(path):
 
 
 def _find_audio_files(root):
-    """Every .flac/.wav file under `root` (recursive, symlinked folders followed), sorted."""
+    """Every audio file (AUDIO_EXTENSIONS) under `root` (recursive, symlinked folders followed), sorted."""
     found = []
     # note: LibriSpeech copies are often assembled from symlinked speaker folders, hence
     # followlinks=True. The LibriSpeech layout <speaker>/<chapter>/<utt>.flac is just one
@@ -178,7 +180,7 @@ def scan_audio(root, min_samples=MIN_SAMPLES, verbose=True):
     if not paths:
         raise ValueError(f"scan_audio: no audio files ({'/'.join(AUDIO_EXTENSIONS)}) found under {root!r}")
 
-    items, report = [], []
+    items, report, rates, downmixed = [], [], {}, 0
     for path in paths:
         if os.path.getsize(path) == 0:
             report.append((path, "empty"))
@@ -192,6 +194,9 @@ def scan_audio(root, min_samples=MIN_SAMPLES, verbose=True):
             report.append((path, "empty"))
             continue
         num_samples = resampled_length(info.frames, info.samplerate)
+        if info.samplerate != SAMPLE_RATE:
+            rates[info.samplerate] = rates.get(info.samplerate, 0) + 1
+        downmixed += info.channels > 1
         if num_samples < min_samples:
             if min_samples == MIN_SAMPLES:
                 report.append((path, f"shorter than one frame ({num_samples} samples < {min_samples})"))
@@ -202,6 +207,12 @@ def scan_audio(root, min_samples=MIN_SAMPLES, verbose=True):
 
     if verbose:
         print_scan_report(report, root, num_kept=len(items))
+        if rates or downmixed:
+            print(f"data: {root}: {sum(rates.values())} file(s) resampled to 16 kHz (from "
+                  f"{', '.join(f'{r} Hz: {n}' for r, n in sorted(rates.items())) or '-'}), {downmixed} averaged to mono")
+        if items:
+            path, n = max(items, key=lambda item: item[1])
+            print(f"data: {root}: longest utterance {n / SAMPLE_RATE:.1f} s ({path})")
     if not items:
         raise ValueError(f"scan_audio: none of the {len(paths)} audio files under {root!r} is usable "
                          f"(first problem: {report[0][0]}: {report[0][1]})")
@@ -679,7 +690,9 @@ def compute_mask_indices(frame_lengths, max_frames, mask_prob, mask_length=10, m
         the masked frames of a batch stack into a rectangle.
       same_count_rows: with require_same_masks, equalise within groups of at most this many
         rows (rows taken in length order) instead of over the whole batch; None = the whole
-        batch (fairseq). The minimum over many rows masks far less than mask_prob: ARMHuBERT's
+        batch (fairseq, exactly). choice, with groups: a row shorter than half the group's
+        longest keeps its own count and is left out of the group's minimum (in fairseq one
+        0.1 s row among 10 s rows cuts every row's masks to its handful). The minimum over many rows masks far less than mask_prob: ARMHuBERT's
         official run equalised over its 18 utterances per GPU, so distill.py passes 18 and a
         batch of 60 short rows realises about the share of the paper's batches (see README).
       rng: numpy Generator; None -> np.random.default_rng() (fresh entropy).
@@ -747,10 +760,11 @@ def compute_mask_indices(frame_lengths, max_frames, mask_prob, mask_length=10, m
     G = len(rows) if not same_count_rows else int(same_count_rows)
     for g in range(0, len(rows), max(G, 1)):
         group = rows[g : g + G]
-        target = min(len(masked[b]) for b in group)
+        floor = max(lengths[b] for b in group) / 2 if same_count_rows else 0  # shorter rows: left out
+        target = min(len(masked[b]) for b in group if lengths[b] >= floor)
         for b in group:
             idx = masked[b]
-            if require_same_masks and len(idx) > target:
+            if require_same_masks and len(idx) > target and lengths[b] >= floor:
                 # note: as fairseq, frames are dropped at random, which can split a span in two
                 idx = rng.choice(idx, target, replace=False)
             mask[b, idx] = True

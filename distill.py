@@ -212,7 +212,7 @@ def build_parser():
     g.add_argument("--student", default=None, help=f"student preset ({', '.join(model.PRESETS)}); default: the method's")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
-                   help="LibriSpeech-layout directory or any folder of .flac/.wav, or 'synthetic'; "
+                   help="LibriSpeech-layout directory or any folder of audio files (.flac, .wav, .ogg, ...), or 'synthetic'; "
                         "without --data and --teacher: the offline quick start")
     g.add_argument("--val", default=None, help="held-out data (same forms as --data) for a validation loss")
     g.add_argument("--val_batches", type=int, default=8, help="validation batches (fixed, same every time)")
@@ -347,7 +347,7 @@ def parse_args(argv=None):
         args.teacher, args.data = "tiny", "synthetic"
     elif args.data is None:
         parser.error(f"--teacher {args.teacher} needs --data: a LibriSpeech-layout folder, a folder of "
-                     ".flac/.wav, or 'synthetic'")
+                     "audio files, or 'synthetic'")
     elif args.teacher is None:
         args.teacher = PAPER_TEACHER
     recipe = RECIPES[args.method]
@@ -757,6 +757,28 @@ def setup_distributed(args):
     return rank, world, device
 
 
+def check_attention_memory(args, dataset, cfg, device):
+    """On a CPU, refuse before training a recording whose attention maps would not fit in memory: they
+    grow with the square of its frames, and a CPU process out of memory is killed without a word (a
+    GPU's out-of-memory error is caught and explained in optimizer_step). Estimate for the longest
+    (cropped) utterance, as many of them as a batch holds: per student layer and head a (T x T) float32
+    map in 3 copies kept for the backward pass (scores, probabilities, dropout: training on a CPU takes
+    the explicit attention path); GenDistiller's teacher-forced pass attends over K slots x T frames."""
+    if device.type != "cpu":
+        return
+    n, longest = max(enumerate(dataset.lengths), key=lambda item: item[1])
+    tokens = data.frame_count(longest) * (len(cfg.target_layers) if cfg.head == "generator" else 1)
+    per_batch = max(1, int(args.batch_seconds * data.SAMPLE_RATE) // longest)
+    need = 3 * 4 * per_batch * cfg.num_layers * cfg.num_heads * tokens ** 2  # bytes
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        name = dataset.paths[n] if dataset.paths else dataset.names[n]
+        raise ValueError(f"--data: {name} is {longest / data.SAMPLE_RATE:.0f} s long; the student's attention maps for "
+                         f"it need about {need / 2 ** 30:.0f} GB ({cfg.num_layers} layers x {cfg.num_heads} heads x "
+                         f"{tokens}^2 frames), more than this machine's {have / 2 ** 30:.0f} GB: "
+                         "crop long recordings with --max_seconds (e.g. --max_seconds 30)")
+
+
 def make_data(args, source, rank, world, seed, shuffle=True):
     """Dataset + length-bucketed sampler + DataLoader for --data / --val."""
     if source == "synthetic":
@@ -944,6 +966,7 @@ def setup(args):
         _, _, val_loader = make_data(args, args.val, 0, 1, seed=args.seed + 1, shuffle=False)
     say(f"data: {len(dataset)} utterances, {len(sampler)} batches of <= {args.batch_seconds:g} s per rank per "
         f"epoch; {world} process(es) x accum {args.accum}")
+    check_attention_memory(args, dataset, raw.cfg, device)
 
     optimizer = make_optimizer(raw, args, device)
     amp = autocast_dtype(args, device)
@@ -1016,7 +1039,9 @@ def optimizer_step(run, stream, lr):
                 # as in s3prl and the official ARMHuBERT code (fairseq divides by the update's
                 # total frame count instead)
                 run.scaler.scale(loss / args.accum).backward()
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise  # a CPU's out-of-memory is a RuntimeError of the allocator; other errors are not ours
             if run.world > 1:
                 dist.destroy_process_group()  # the other ranks fail instead of waiting forever
             raise SystemExit(f"error: out of memory at step {run.step} on a batch of {len(lengths)} utterances, "
@@ -1139,7 +1164,7 @@ def train(run, stop):
     bad_files = {}  # path -> reason, files that failed to decode during training
     stream = batches(run.loader, run.sampler, run.epoch, run.position, bad_files, args.data)
     log_file = open_log(run) if run.rank == 0 else None
-    t_log, audio_s, sums, since_log = time.time(), 0.0, {}, 0
+    t_log, audio_s, sums, since_log, warned_share = time.time(), 0.0, {}, 0, False
     while run.step < args.max_steps:
         lr = lr_at(run.step, args)
         loss, parts, grad_norm, audio, stepped = optimizer_step(run, stream, lr)
@@ -1157,6 +1182,10 @@ def train(run, stop):
             line = " ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "grad_norm" and not k.startswith("_"))
             run.say(f"step {step}/{args.max_steps} | {line} | gnorm {row['grad_norm']:.2f} | lr {lr:.2e} | "
                     f"{ms:.0f} ms/step | {audio_s / dt:.1f} audio s/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+            if row.get("mask_share", 1.0) < 0.5 * args.mask_prob and not warned_share:
+                warned_share = True
+                run.say(f"  warning: the student saw {row['mask_share']:.2f} of its frames masked, far below "
+                        f"--mask_prob {args.mask_prob} (many very short utterances, or --mask_same_rows too large?)")
             if log_file:
                 log_file.write(json.dumps({"step": step, "lr": lr, "ms_per_step": ms, "audio_s_per_s": audio_s / dt, **row}) + "\n")
                 log_file.flush()

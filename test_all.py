@@ -453,6 +453,20 @@ def _mask_share(batches, same_count_rows, rng):
     return masked / valid
 
 
+def test_mask_a_very_short_row_does_not_unmask_its_group():
+    # five utterances, one of 0.1 s (4 frames): in fairseq's minimum it would cut every row to its few masks
+    lengths = [500, 480, 450, 420, 4]
+    shares = []
+    for seed in range(20):
+        m = data.compute_mask_indices(lengths, 500, 0.8, mask_length=10, mask_type="uniform", no_overlap=True,
+                                      same_count_rows=18, rng=np.random.default_rng(seed))
+        long_rows = m[:4].sum(1).tolist()
+        assert len(set(long_rows)) == 1  # the long rows still share one count
+        shares.append(sum(long_rows) / sum(lengths[:4]))
+        assert 0 < int(m[4].sum()) <= 4
+    assert np.mean(shares) > 0.6, np.mean(shares)
+
+
 def test_mask_share_matches_the_official_batches_within_005():
     """ARMHuBERT's recipe batch is 221 s per micro-step; the official run had 18 utterances per
     GPU, length-bucketed, and fairseq equalised the masked count over those 18 rows. On a
@@ -2599,6 +2613,25 @@ def test_distill_device_cuda_resolves_to_the_process_gpu(monkeypatch):
     assert distill.setup_distributed(args)[2] == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
     args.device = "cuda:0"  # an explicit index stays
     assert distill.setup_distributed(args)[2] == torch.device("cuda", 0)
+
+
+def test_distill_a_recording_too_long_for_memory_is_named_before_training(monkeypatch):
+    args = distill.parse_args(["--method", "armhubert", "--data", "x"])
+    cfg = PRESETS["armhubert"]
+    long = data.AudioDataset([("/corpus/long.flac", 600 * 16000), ("/corpus/a.flac", 12 * 16000)])
+    with pytest.raises(ValueError, match=r"--data: /corpus/long.flac is 600 s long; .* GB .*--max_seconds"):
+        distill.check_attention_memory(args, long, cfg, torch.device("cpu"))
+    cropped = data.AudioDataset([("/corpus/long.flac", 600 * 16000)], max_samples=15 * 16000)
+    distill.check_attention_memory(args, cropped, cfg, torch.device("cpu"))  # fits: no error
+
+
+def test_distill_out_of_memory_on_a_cpu_says_what_to_lower(tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 98304000000 bytes")
+    monkeypatch.setattr(distill, "distillation_loss", oom)
+    with pytest.raises(SystemExit, match=r"out of memory at step 0 .*lower --batch_seconds"):
+        distill.main(["--method", "distilhubert", "--out", str(tmp_path / "run"), "--workers", "0"] + _DT_RUN)
 
 
 def _dt_bad_inputs(tmp_path):
