@@ -570,7 +570,9 @@ def find_resume(args):
             torch.load(path, map_location="cpu", weights_only=True)
             return path
         except Exception as e:  # a damaged file (disk error): say so and fall back to the one before
-            print(f"warning: skipping unreadable checkpoint {path}: {e}", flush=True)
+            print(f"warning: skipping unreadable checkpoint {path} (truncated or damaged: {type(e).__name__}: "
+                  f"{one_line(e)[:120]}); trying the one before", flush=True)
+    print(f"note: --resume auto: no checkpoint in {args.out}; starting a new run", flush=True)
     return None
 
 
@@ -902,19 +904,16 @@ def build_student_for(args, teacher):
     """The run's student: model.build_student with the --student preset and --FIELD overrides,
     fitted to (and, where the preset says so, copied from) the teacher, checked against what the
     --method's step feeds it. Returns (student, notes)."""
-    try:
-        student, notes = model.build_student(args.student, teacher, args.overrides)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    student, notes = model.build_student(args.student, teacher, args.overrides)  # ValueError: a bad field
     cfg, method = student.cfg, METHODS[args.method]
     if method.generator != (cfg.head == "generator"):
         need = "a generator student (--student gendistiller)" if method.generator else "a student that is not a generator"
-        raise SystemExit(f"error: --method {args.method} trains {need}; --student {args.student} has head={cfg.head!r}")
+        raise ValueError(f"--method {args.method} trains {need}; --student {args.student} has head={cfg.head!r}")
     if method.masks_input and not cfg.mask_embedding:
-        raise SystemExit(f"error: --method {args.method} masks the student input; --mask_embedding=false is not allowed")
+        raise ValueError(f"--method {args.method} masks the student input; --mask_embedding=false is not allowed")
     if cfg.head == "generator" and (cfg.layer_grad_scale or cfg.official_reuse):
-        raise SystemExit("error: --layer_grad_scale and --official_reuse are ARMHuBERT's; the GenDistiller "
-                         "generator has neither")
+        raise ValueError("--layer_grad_scale and --official_reuse are ARMHuBERT's; the GenDistiller generator has "
+                         "neither")
     return student, notes
 
 

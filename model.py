@@ -828,6 +828,8 @@ def fit_to_teacher(cfg, teacher):
                    rel_pos_buckets=c.get("encoder_num_buckets", 0),
                    rel_pos_max_distance=c.get("encoder_max_distance", cfg.rel_pos_max_distance))
     notes = [f"{k}: {getattr(cfg, k)} -> {v} (fitted to teacher)" for k, v in new.items() if getattr(cfg, k) != v]
+    if len(set(new["target_layers"])) < len(new["target_layers"]):
+        notes.append(f"target_layers {new['target_layers']} repeat a layer: the teacher has only {teacher.num_layers}")
     return replace(cfg, **new), notes
 
 
@@ -859,6 +861,9 @@ def build_student(preset_or_cfg, teacher=None, overrides=None, copy_weights=True
             raise ValueError(f"--target_layers {list(cfg.target_layers)}: layers {bad} do not exist; the teacher "
                              f"has layers 1..{teacher.num_layers} (layer k = output of block k; 0, the transformer "
                              "input, is never a target)")
+    bad = [f"{k}={getattr(cfg, k)}" for k in ("num_heads", "pos_conv_groups") if cfg.dim % getattr(cfg, k)]
+    if bad:
+        raise ValueError(f"--dim={cfg.dim}: must be divisible by {' and '.join(bad)} (or set those fields too)")
     student = GenDistiller(cfg) if cfg.head == "generator" else Student(cfg)
     if copy_weights and isinstance(teacher, Teacher):
         if cfg.init_from_teacher:
@@ -952,7 +957,13 @@ BUNDLES = {
 # at a width that runs anywhere in milliseconds. choice: the "layer_norm" conv order (HuBERT
 # Large's): with random weights the group-norm order maps all frames of an utterance to nearly
 # one direction (mean cosine 0.89 between frames at layer 1, 0.94 at layer 12), a degenerate
-# target for CoLLD's contrastive loss; the layer-norm order keeps frames apart (0.45 / 0.66).
+# target for CoLLD's contrastive loss; the layer-norm order keeps frames apart (0.52 / 0.74; synthetic speech).
+# Like HuBERT / WavLM Large (layer-norm order, convs without bias), it standardises each utterance
+# (normalize_waveform): without that, a window of digital silence (exact zeros) is a zero vector into
+# each conv's LayerNorm, whose gradient at zero variance is ~1/sqrt(eps) per layer (a first-step grad
+# norm of 1e11 for students copying its conv, on audio with exact-zero leading silence). Standardised,
+# silence is a constant that the convs spread over channels. Every real layer-norm-order teacher
+# either standardises (HuBERT/WavLM Large) or has conv biases (wav2vec 2.0 Large LV-60, XLS-R).
 TINY_TEACHER_CONFIG = dict(
     extractor_mode="layer_norm",
     extractor_conv_layer_config=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
@@ -1044,8 +1055,9 @@ class Teacher(nn.Module):
                 x = encoder.transformer._preprocess(x.float())
             layers, position_bias = [], None
             for layer in encoder.transformer.layers:
-                if self.is_wavlm:  # WavLM attention takes a key padding mask, not an additive mask
-                    x, position_bias = layer(x, None, position_bias=position_bias, key_padding_mask=pad)
+                if self.is_wavlm:  # WavLM attention takes a key padding mask (additive, as its bias)
+                    pad_add = torch.zeros_like(pad, dtype=x.dtype).masked_fill(pad, float("-inf"))  # (B, T)
+                    x, position_bias = layer(x, None, position_bias=position_bias, key_padding_mask=pad_add)
                 else:
                     additive = (-10000.0 * pad[:, None, None, :].to(x.dtype)).expand(-1, 1, x.shape[1], -1)  # (B,1,T,T)
                     x, _ = layer(x, additive)
@@ -1166,7 +1178,8 @@ def random_teacher_checkpoint(name="tiny", seed=0):
         torch.manual_seed(seed)
         model = torchaudio_model(config)
         mask_emb = torch.rand(config["encoder_embed_dim"])  # fairseq inits mask_emb uniform
-    return {"config": config, "state_dict": model.state_dict(), "mask_emb": mask_emb}
+    return {"config": config, "state_dict": model.state_dict(), "mask_emb": mask_emb,
+            "normalize_waveform": name == "tiny" or (name.lower() in BUNDLES and bundle_config(name)[1])}
 
 
 def random_teacher(name="tiny", seed=0):
@@ -1745,6 +1758,8 @@ def export_hf(checkpoint, folder):
         "layerdrop": 0.0, "mask_time_prob": 0.0, "mask_feature_prob": 0.0, "apply_spec_augment": False,
         "torch_dtype": "float32",
     }
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise ValueError(f"export-hf: {folder} is not empty; choose a new or empty folder")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
