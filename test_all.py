@@ -2716,6 +2716,29 @@ def test_distill_ordinary_mistakes_are_one_line_errors(tmp_path, capsys):
                       "--out", str(tmp_path / "out")])
 
 
+def test_distill_small_first_day_frictions(tmp_path, capsys, tiny_teacher):
+    # --dim that no head count divides names the fields
+    with pytest.raises(SystemExit, match=r"--dim=100: must be divisible by num_heads=12 and pos_conv_groups=16"):
+        distill.main(["--method", "armhubert", "--dim=100", "--out", str(tmp_path / "d")] + _DT_RUN)
+    # --resume auto in an empty folder says it starts a new run
+    distill.main(["--method", "distilhubert", "--max_steps", "1", "--workers", "0", "--resume", "auto",
+                  "--out", str(tmp_path / "r")] + _DT_RUN)
+    assert "no checkpoint in" in capsys.readouterr().out
+    # export-hf never writes into a non-empty folder
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="is not empty"):
+        model.main(["export-hf", str(tmp_path / "r" / "ckpt-00000001.pt"), str(tmp_path / "full")])
+    # a 2-layer teacher repeats a target layer, and says so
+    two = _mt_wavlm_teacher(seed=44)
+    _, notes = model.build_student("distilhubert", two)
+    assert any("repeat a layer" in n for n in notes)
+    # a WavLM teacher runs without torchaudio's deprecation warning on its padding mask
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two(*_mt_wav([4000, 3000], seed=45))
+
+
 def test_eval_probe_with_a_file_that_is_no_upstream_is_one_line(tmp_path):
     (tmp_path / "j.json").write_text('{"a": 1}')
     corpus = tmp_path / "c" / "1" / "0"  # one utterance in LibriSpeech layout
