@@ -136,7 +136,7 @@ def load_audio(path):
         raise AudioError(f"{path}: empty audio (0 samples)")
     wav = torch.from_numpy(samples.mean(axis=1))  # (N,) channels averaged; a copy, so writable
     if sample_rate != SAMPLE_RATE:
-        wav = torchaudio.functional.resample(wav, sample_rate, SAMPLE_RATE)  # (ceil(N*16000/sr),)
+        wav = torchaudio.functional.resample(wav, sample_rate, SAMPLE_RATE)  # (resampled_length(N, sr),)
     if not torch.isfinite(wav).all():
         raise AudioError(f"{path}: audio holds NaN or infinite samples")
     return wav.contiguous()

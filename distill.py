@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -236,7 +237,8 @@ def build_parser():
                    help="student autocast: auto = bf16 on GPUs that support it, fp32 on CPU; fp16 uses a "
                         "gradient scaler. On GPUs float32 matmuls use TF32 unless this is fp32")
     g.add_argument("--teacher_precision", default=None, choices=["auto", "fp32"],
-                   help="auto: the teacher runs under the student's autocast; fp32: exact float32 targets "
+                   help="auto: the teacher runs under the student's autocast; fp32: autocast off around it "
+                        "(float32 targets; TF32 matmuls on GPUs unless --precision fp32) "
                         "(default: the recipe's: fp32 for distilhubert/gendistiller, auto for armhubert/colld)")
     g.add_argument("--traceback", action="store_true",
                    help="an error at start (a teacher, data folder or file that cannot be used) shows its full "
@@ -579,7 +581,7 @@ def find_resume(args):
 # The flags a resumed run may change (README: Training); every other flag, teacher and data included,
 # must be the run's own.
 RESUME_MAY_CHANGE = ("max_steps", "resume", "out", "workers", "device", "log_every", "save_every", "val_every",
-                     "val", "val_batches", "keep", "skip_nonfinite", "compile", "traceback")
+                     "val", "val_batches", "keep", "skip_nonfinite", "compile", "traceback", "quick_start")
 
 
 def check_resumable(ckpt, path, args, cfg, world):
@@ -626,24 +628,29 @@ def lock_out_dir(out):
     whether this call created the folder); release_out_dir undoes both."""
     created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, ".lock")
+    path, host = os.path.join(out, ".lock"), socket.gethostname()
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
                 with open(path) as f:
-                    pid = int(f.read().strip() or 0)
+                    pid, held_by = f.read().split(maxsplit=1)
+                pid = int(pid)
             except (OSError, ValueError):
-                pid = 0  # half-written by a process that died at that moment
-            if pid and pid_alive(pid):
+                pid, held_by = 0, host  # half-written by a process that died at that moment
+            if held_by.strip() != host:  # another machine (a shared file system): its processes are not ours to see
+                raise SystemExit(f"error: --out {out} is in use by process {pid} on {held_by.strip()}; if that run is "
+                                 f"gone, delete {path}")
+            # our own id is a previous life of this process id (a restarted container), never a live run
+            if pid and pid != os.getpid() and pid_alive(pid):
                 raise SystemExit(f"error: --out {out} is in use by another run (process {pid}); wait for it to end "
                                  "or choose another --out")
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)  # stale: its process is gone
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            f.write(f"{os.getpid()} {host}")
         return path, created
     raise SystemExit(f"error: --out {out}: could not take {path}")
 
@@ -751,9 +758,7 @@ def setup_distributed(args):
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # float32 matmuls (an fp32 teacher, fp32 parts of the student) on the tensor cores as TF32, as
-        # PyTorch < 1.12 did by default on Ampere GPUs; --precision fp32 keeps full float32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
+        use_tf32(args.precision)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -779,6 +784,12 @@ def check_attention_memory(args, dataset, cfg, device):
                          f"it need about {need / 2 ** 30:.0f} GB ({cfg.num_layers} layers x {cfg.num_heads} heads x "
                          f"{tokens}^2 frames), more than this machine's {have / 2 ** 30:.0f} GB: "
                          "crop long recordings with --max_seconds (e.g. --max_seconds 30)")
+
+
+def use_tf32(precision):
+    """On GPUs, float32 matmuls (an fp32 teacher, fp32 parts of the student) run on the tensor cores as
+    TF32, as PyTorch < 1.12 did by default on Ampere GPUs; --precision fp32 keeps full float32."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
 
 
 def make_data(args, source, rank, world, seed, shuffle=True):
@@ -1219,16 +1230,16 @@ def main(argv=None):
               "--data /path/to/LibriSpeech/train-clean-100 --val /path/to/LibriSpeech/dev-clean", flush=True)
     run, lock = None, None
     try:
-        if int(os.environ.get("RANK", "0")) == 0:
-            lock = lock_out_dir(args.out)  # before anything else: a second run on this folder stops here
-        with StopSignal() as stop:
-            try:
-                run = setup(args)
-            except (ValueError, OSError, EOFError) as e:  # bad input at start: a teacher, a folder, a file
-                if args.traceback:
-                    raise
-                print(f"distill.py: error: {one_line(e)}", file=sys.stderr, flush=True)
-                raise FlagError(f"error: {one_line(e)}") from None
+        try:
+            if int(os.environ.get("RANK", "0")) == 0:
+                lock = lock_out_dir(args.out)  # before anything else: a second run on this folder stops here
+            run = setup(args)
+        except (ValueError, OSError, EOFError) as e:  # bad input at start: a teacher, a folder, a file
+            if args.traceback:
+                raise
+            print(f"distill.py: error: {one_line(e)} (--traceback shows where)", file=sys.stderr, flush=True)
+            raise FlagError(f"error: {one_line(e)}") from None
+        with StopSignal() as stop:  # from the first step on: Ctrl-C while loading simply stops
             train(run, stop)
     finally:
         if lock:

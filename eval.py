@@ -804,12 +804,12 @@ def speed_rows(args, device, teacher, wav, lengths, only=None):
             finally:
                 t.exact = True
         rows.append((name, fn, sum(p.numel() for p in student.parameters()),
-                     step_flops(method, teacher, student, args.batch * args.seconds)))
+                     args.batch * step_flops(method, teacher, student, args.seconds)))
     return rows
 
 
 def step_flops(method, teacher, student, seconds):
-    """FLOPs of one distillation step from the MAC counts (model.count_macs): 2 FLOPs per MAC; the
+    """FLOPs of one distillation step on one utterance of `seconds`, from the MAC counts (model.count_macs): 2 FLOPs per MAC; the
     teacher's forward (ARMHuBERT: a second pass without the conv front end, which the mask does not
     touch), the student's forward and its backward (2x the forward). GenDistiller counts its cached
     free-running forward (teacher forcing attends to a few more keys)."""
@@ -822,9 +822,11 @@ def step_flops(method, teacher, student, seconds):
     return 2 * (teacher_macs + 3 * model.count_macs(student.cfg, seconds))
 
 
-# Dense bf16 tensor-core peaks (TFLOP/s, the vendors' data sheets), for the MFU column; --peak_tflops
-# names another.
-PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+# Dense bf16 tensor-core peaks (TFLOP/s, the vendors' data sheets) by torch.cuda.get_device_name, for the
+# MFU column; any other device needs --peak_tflops.
+PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.5, "NVIDIA H200": 989.4,
+               "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100-PCIE-40GB": 312.0,
+               "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA L4": 121.0}
 
 
 def peak_tflops(args, device):
@@ -833,9 +835,8 @@ def peak_tflops(args, device):
         return args.peak_tflops, "--peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_TFLOPS.items():
-            if key in name:
-                return value, f"{name}: dense bf16 peak"
+        if name in PEAK_TFLOPS:
+            return PEAK_TFLOPS[name], f"{name}: dense bf16 peak"
         return None, f"{name}: peak unknown, pass --peak_tflops"
     return None, "no peak for a CPU, pass --peak_tflops"
 
@@ -944,6 +945,9 @@ def run_speed(args):
     median over rounds of its time divided by the teacher's time in the same round. Prints a
     markdown table; returns the rows."""
     device = check_device(args.device)
+    if device.type == "cuda":
+        import distill
+        distill.use_tf32(args.precision)  # as distill.py
     torch.manual_seed(args.seed)
     S = int(args.seconds * data.SAMPLE_RATE)
     if S < data.MIN_SAMPLES:
@@ -1135,5 +1139,5 @@ if __name__ == "__main__":
         if show:
             raise
         message = "; ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
-        print(f"eval.py: error: {message or type(e).__name__}", file=sys.stderr)
+        print(f"eval.py: error: {message or type(e).__name__} (--traceback shows where)", file=sys.stderr)
         sys.exit(2)

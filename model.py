@@ -182,6 +182,7 @@ class StudentConfig:
     # attention, causal over layers) or "previous" (2406.09444: "takes the previous hidden layer as history";
     # per block, so a generator of N blocks reaches N slots back)
     gen_history: str = "all"
+    gen_shared_proj: bool = True  # one output projection for every generated layer; False: one per layer
     teacher_dim: int = 768
     target_layers: Tuple[int, ...] = ()  # teacher layer (1-based) predicted by each output; set by fit_to_teacher
     init_from_teacher: bool = False  # copy conv, projection, pos conv and the first layers from the teacher
@@ -204,8 +205,8 @@ class ConvBlock(nn.Module):
 
 
 # POS_CONV_FP32: the positional conv (one conv, a few % of the MACs) always runs in float32, also under
-# autocast: PyTorch's CPU bf16 grouped conv1d returns wrong values (errors ~100 %) for groups of 8-12
-# channels (seen with torch 2.11 at 192-d / 16 groups, the kit teacher's shape); 4 or 16+ are right.
+# autocast: PyTorch's CPU bf16 grouped conv1d returns wrong values (errors ~100 %) for some groups of
+# fewer than 16 channels (seen with torch 2.11, e.g. 192-d / 16 groups, the kit teacher's shape).
 class FrontEnd(nn.Module):
     """wav -> X0, the transformer input: conv stack, feature LayerNorm (+ projection), input dropout,
     mask embedding, convolutional positional embedding. Shared by Student and GenDistiller.
@@ -652,6 +653,7 @@ class GeneratorConfig:
     num_outputs: int  # K generated teacher layers
     teacher_dim: int
     history: str = "all"  # the earlier slots a slot sees: "all" or "previous" (StudentConfig.gen_history)
+    shared_proj: bool = True  # StudentConfig.gen_shared_proj
     layer_norm_first: bool = False
     dropout: float = 0.1
     attention_dropout: float = 0.1
@@ -669,6 +671,7 @@ class GeneratorConfig:
             raise ValueError(f"gen_history={cfg.gen_history!r}: expected 'all' or 'previous'")
         return cls(dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
                    num_outputs=len(cfg.target_layers), teacher_dim=cfg.teacher_dim, history=cfg.gen_history,
+                   shared_proj=cfg.gen_shared_proj,
                    layer_norm_first=cfg.layer_norm_first, dropout=cfg.dropout,
                    attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
                    rel_pos_buckets=cfg.rel_pos_buckets, rel_pos_max_distance=cfg.rel_pos_max_distance,
@@ -694,7 +697,11 @@ class Generator(nn.Module):
         self.history_proj = nn.Linear(Dt, D) if Dt != D else None
         # choice: ONE output projection shared by the K steps (2406.09444 names "a projection output
         # layer"; with one block and one projection the size fits both published figures, README)
-        self.out_proj = nn.Linear(D, Dt)
+        self.out_proj = nn.Linear(D, Dt) if cfg.shared_proj else nn.ModuleList(nn.Linear(D, Dt) for _ in range(K))
+
+    def project(self, x, k):
+        """Slot k's output (B, T, D) as its teacher layer (B, T, Dt)."""
+        return self.out_proj(x) if self.cfg.shared_proj else self.out_proj[k](x)
 
     def visible(self, S, device):
         """(S, S) bool: may slot k (row) attend to slot k' (column): causal, and gen_history 'previous'
@@ -730,7 +737,7 @@ class Generator(nn.Module):
             if len(history) != K - 1:
                 raise ValueError(f"generator needs {K - 1} history layers, got {len(history)}")
             outs = self.run([x0] + [self.embed_history(h) for h in history], valid)
-            return [self.out_proj(o) for o in outs]
+            return [self.project(o, k) for k, o in enumerate(outs)]
         # free-running: step k runs the generator over its new slot only. Attention is causal over
         # slots, so the keys and values of the earlier slots at every layer are those computed at
         # their own steps: they are kept in a cache (one per layer) instead of recomputed.
@@ -747,7 +754,7 @@ class Generator(nn.Module):
                 x, _ = layer(x, allowed, cache=cache, bias=bias)
                 if self.cfg.history == "previous":  # the next step sees this slot and its own only
                     cache["k"], cache["v"] = cache["k"][:, :, -T:], cache["v"][:, :, -T:]
-            preds.append(self.out_proj(x + slot))  # (B, T, Dt), the slot's input added back
+            preds.append(self.project(x + slot, k))  # (B, T, Dt), the slot's input added back
             slot = self.embed_history(preds[-1])
         return preds
 
@@ -889,7 +896,7 @@ def load_student(path, device="cpu"):
 
 # Fields added in 2026-12 (issue 9), with the behaviour a checkpoint written before them had.
 LEGACY_CONFIG = dict(init="pytorch", feature_grad_mult=1.0, layer_grad_scale=False, init_conv_from_teacher=False,
-                     normalize_waveform=False)
+                     normalize_waveform=False, gen_shared_proj=False)
 
 
 def config_from_dict(d):
@@ -1721,6 +1728,8 @@ def export_hf(checkpoint, folder):
                       "heads and GenDistiller's generator have no place in HubertModel)")
     if cfg.reuse != "none" or cfg.official_reuse:
         refuse.append("attention-map reuse, which HF attention does not do")
+    if cfg.rel_pos_buckets:
+        refuse.append("WavLM layers (gated relative position bias, which HubertModel has not)")
     if cfg.layer_norm_first:
         refuse.append("pre-LN layers (HubertModel's stable-layer-norm encoder ends in a LayerNorm this "
                       "student has not)")

@@ -1281,7 +1281,7 @@ def test_model_generator_free_running_equals_parallel_on_own_outputs(which, fuse
             assert torch.equal(a, b) and torch.equal(a, c)
         gen = student.generator
         slots = [x0] + [gen.embed_history(p) for p in free[:-1]]
-        parallel = [gen.out_proj(o) for o in gen.run(slots, valid)]  # one projection shared by the steps
+        parallel = [gen.project(o, k) for k, o in enumerate(gen.run(slots, valid))]
         forced, _ = student(wav, lengths, history=free[:-1])  # teacher forcing with its own outputs
     for a, b, c in zip(free, parallel, forced):
         _mt_close(a, b)
@@ -2617,12 +2617,18 @@ def test_distill_one_run_per_folder(tmp_path):
     try:
         os.makedirs(out)
         with open(os.path.join(out, ".lock"), "w") as f:  # a live run holds the folder
-            f.write(str(sleeper.pid))
+            f.write(f"{sleeper.pid} {socket.gethostname()}")
         with pytest.raises(SystemExit, match=rf"--out {re.escape(out)} is in use by another run \(process {sleeper.pid}\)"):
             distill.main(["--method", "distilhubert", "--max_steps", "1", "--workers", "0", "--out", out] + _DT_RUN)
     finally:
         sleeper.kill()
         sleeper.wait()
+    with open(os.path.join(out, ".lock"), "w") as f:  # another machine's run: refused, the path to delete named
+        f.write("12345 some-other-host")
+    with pytest.raises(SystemExit, match=r"in use by process 12345 on some-other-host; if that run is gone, delete"):
+        distill.main(["--method", "distilhubert", "--max_steps", "1", "--workers", "0", "--out", out] + _DT_RUN)
+    with open(os.path.join(out, ".lock"), "w") as f:  # the dead process's lock (or our own id's former life)
+        f.write(f"{sleeper.pid} {socket.gethostname()}")
     # its process is gone: the stale lock is taken over, and released at the end
     distill.main(["--method", "distilhubert", "--max_steps", "1", "--workers", "0", "--out", out] + _DT_RUN)
     assert os.path.exists(os.path.join(out, "ckpt-00000001.pt")) and not os.path.exists(os.path.join(out, ".lock"))
@@ -2737,6 +2743,26 @@ def test_distill_small_first_day_frictions(tmp_path, capsys, tiny_teacher):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         two(*_mt_wav([4000, 3000], seed=45))
+
+
+def test_model_older_gendistiller_checkpoints_and_wavlm_students_export(tmp_path, tiny_teacher):
+    # a checkpoint from before the shared output projection (one Linear per generated layer) still loads
+    cfg = replace(_mt_gen_cfgs(tiny_teacher)["narrow"], gen_shared_proj=False)
+    old = _mt_student(cfg)
+    saved = model.config_to_dict(cfg)
+    del saved["gen_shared_proj"], saved["gen_history"], saved["rel_pos_buckets"], saved["rel_pos_max_distance"]
+    torch.save({"config": saved, "student": old.state_dict()}, tmp_path / "old.pt")
+    loaded = model.load_student(str(tmp_path / "old.pt"))
+    assert isinstance(loaded.generator.out_proj, torch.nn.ModuleList)
+    wav, lengths = _mt_wav([3000], seed=46)
+    with torch.no_grad():
+        for a, b in zip(loaded.hidden_states(wav, lengths)[0], old.hidden_states(wav, lengths)[0]):
+            assert torch.equal(a, b)
+    # a DistilHuBERT student with WavLM layers is no HubertModel: refused, not exported without its gates
+    student, _ = model.build_student("distilhubert", _mt_wavlm_teacher(seed=47, encoder_num_layers=3))
+    torch.save({"config": model.config_to_dict(student.cfg), "student": student.state_dict()}, tmp_path / "w.pt")
+    with pytest.raises(SystemExit, match="WavLM layers"):
+        model.main(["export-hf", str(tmp_path / "w.pt"), str(tmp_path / "w_hf")])
 
 
 def test_eval_probe_with_a_file_that_is_no_upstream_is_one_line(tmp_path):
