@@ -627,7 +627,10 @@ def lock_out_dir(out):
     process is gone (killed, crashed) is taken over; a live one refuses the run. Returns (lock path,
     whether this call created the folder); release_out_dir undoes both."""
     created = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot be created ({e.strerror}); expected a writable folder") from e
     path, host = os.path.join(out, ".lock"), socket.gethostname()
     for _ in range(3):
         try:
