@@ -591,7 +591,7 @@ def check_resumable(ckpt, path, args, cfg, world):
     problems = []
     if ckpt["method"] != args.method:
         problems.append(f"method {ckpt['method']} != {args.method}")
-    saved = dataclasses.asdict(model.config_from_dict(ckpt["config"]))  # older checkpoints: fields filled in
+    saved = dataclasses.asdict(model.config_from_dict(ckpt["config"], ckpt["student"]))  # older: fields filled in
     if saved != dataclasses.asdict(cfg):
         diff = [k for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v]
         problems.append(f"student config differs in {diff}")

@@ -325,7 +325,8 @@ def build_upstream(spec, device="cpu", seed=0, flag="--upstream"):
             if not _is_student_checkpoint(what):
                 raise ValueError(f"{flag} {spec}: {what} is not a distill.py checkpoint (no 'student'/'config' keys); "
                                  "random:FILE takes the architecture of a student checkpoint")
-            cfg = model.config_from_dict(torch.load(what, map_location="cpu", weights_only=True)["config"])
+            ckpt = torch.load(what, map_location="cpu", weights_only=True)
+            cfg = model.config_from_dict(ckpt["config"], ckpt["student"])
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 module, _ = model.build_student(cfg)  # same config, fresh weights: the floor at equal size

@@ -889,7 +889,7 @@ def load_student(path, device="cpu"):
                          f"({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(ckpt, dict) or "config" not in ckpt or "student" not in ckpt:
         raise ValueError(f"{path}: not a distill.py checkpoint (expected keys 'config' and 'student')")
-    student, _ = build_student(config_from_dict(ckpt["config"]))
+    student, _ = build_student(config_from_dict(ckpt["config"], ckpt["student"]))
     student.load_state_dict(upgrade_state_dict(ckpt["student"], student.cfg))
     return student.to(device).eval()
 
@@ -899,10 +899,14 @@ LEGACY_CONFIG = dict(init="pytorch", feature_grad_mult=1.0, layer_grad_scale=Fal
                      normalize_waveform=False, gen_shared_proj=False)
 
 
-def config_from_dict(d):
+def config_from_dict(d, state=None):
     """StudentConfig from its asdict() form (tuples come back as lists from a checkpoint).
-    A checkpoint written before a field existed gets the behaviour it was trained with."""
-    d = {**LEGACY_CONFIG, "reuse_attention_dropout": d.get("attention_dropout", 0.1), **d}
+    A checkpoint written before a field existed gets the behaviour it was trained with; where its
+    weights say which (one or K GenDistiller output projections), `state` decides."""
+    legacy = dict(LEGACY_CONFIG)
+    if state is not None:
+        legacy["gen_shared_proj"] = "generator.out_proj.weight" in state
+    d = {**legacy, "reuse_attention_dropout": d.get("attention_dropout", 0.1), **d}
     d["conv_layers"] = [tuple(c) for c in d["conv_layers"]]
     d["target_layers"] = tuple(d["target_layers"])
     return StudentConfig(**d)
