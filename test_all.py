@@ -2577,6 +2577,45 @@ def test_distill_torchrun_two_ranks_resume_exactly(tmp_path):
     _dt_assert_same_tree(ca["rng"], cb["rng"], "rng")
 
 
+_DT_TORCHRUN_SIGTERM = """
+import os, signal, sys
+sys.path.insert(0, {main_dir!r})
+import distill
+
+original = distill.lr_at
+
+
+def signal_one_rank(step, args):  # a preemption notice that reaches rank 1 only, during step 3
+    if step == 2 and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(step, args)
+
+
+distill.lr_at = signal_one_rank
+distill.main(sys.argv[1:])
+"""
+
+
+def test_distill_torchrun_ranks_agree_on_the_stop_step(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    argv = ["--method", "distilhubert", "--max_steps", "5", "--save_every", "100", "--workers", "0",
+            "--device", "cpu"] + _DT_RUN
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    script = str(tmp_path / "sigterm_rank1.py")
+    with open(script, "w") as f:
+        f.write(_DT_TORCHRUN_SIGTERM.format(main_dir=_DT_DIR))
+    _dt_torchrun("distill.py", argv + ["--out", a], env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--monitor-interval=0.1", script] + argv + ["--out", b]
+    proc = subprocess.run(cmd, cwd=_DT_DIR, env=env, capture_output=True, text=True, timeout=120)
+    assert "stopped by SIGTERM after step 3" not in proc.stdout  # rank 0 prints, and it was not signalled
+    assert "stopped by another rank after step 3" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert [os.path.basename(p) for p in _dt_ckpts(b)] == ["ckpt-00000003.pt"]  # both ranks stopped there
+    _dt_torchrun("distill.py", argv + ["--out", b, "--resume", "auto"], env)
+    _dt_assert_same_state(_dt_load(os.path.join(a, "ckpt-00000005.pt"))["student"],
+                          _dt_load(os.path.join(b, "ckpt-00000005.pt"))["student"])
+
+
 # ----------------------------------------------------------------------------- SIGTERM / SIGINT, the folder lock, the device
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
