@@ -597,7 +597,7 @@ def check_resumable(ckpt, path, args, cfg, world):
         problems.append(f"student config differs in {diff}")
     if len(ckpt["position"]) != world:
         problems.append(f"written by {len(ckpt['position'])} process(es), resumed with {world}")
-    # flags added in 2026-12: a checkpoint without them ran with these values
+    # flags newer than some checkpoints: a checkpoint without them ran with these values
     legacy = dict(mask_same_rows=0, target_norm="none", teacher_final_norm=False)
     if args.max_steps < ckpt["step"]:
         problems.append(f"--max_steps {args.max_steps} is below the checkpoint's step {ckpt['step']}")
@@ -872,7 +872,7 @@ def param_groups(student, weight_decay):
 def fast_optimizer_flags(device):
     """AdamW's fused kernel where torch has one (CPU, CUDA): the same update as the per-parameter
     loop (tested within fp tolerance), in one kernel instead of one per parameter; on this
-    project's CPU it beat both the loop and foreach (a throwaway micro-benchmark, 2026-12)."""
+    project's CPU it beat both the loop and foreach in a micro-benchmark."""
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
 
@@ -1023,7 +1023,7 @@ def resume(run):
 def optimizer_state_for(opt_state, saved_names, student):
     """AdamW's state re-indexed for `student`'s parameter order. A checkpoint lists its parameters
     in `saved_names` order (its state dict, in today's names); GenDistiller checkpoints written
-    before 2026-12 listed the slot embedding first, so its moments must follow it by name."""
+    from earlier versions listed the slot embedding first, so its moments must follow it by name."""
     params = dict(student.named_parameters())
     old, new = optimizer_order(saved_names, params), optimizer_order(list(params), params)
     if old == new:

@@ -165,7 +165,7 @@ class StudentConfig:
     # ARMHuBERT official `layer_grad_scale` (see layer_grad_scales for the exact factors)
     layer_grad_scale: bool = False
     # "bert": fairseq/official: transformer Linears N(0, 0.02) with zero bias (init_bert_params),
-    # kaiming-normal conv kernels; "pytorch": nn defaults there (this project before 2026-12); the
+    # kaiming-normal conv kernels; "pytorch": nn defaults there (this project's earlier checkpoints); the
     # positional conv and mask embedding keep their fairseq inits in both
     init: str = "bert"
     # WavLM's gated relative position bias (section 2): buckets of the first layer's relative position
@@ -379,7 +379,7 @@ class SelfAttention(nn.Module):
 def dropout(x, p, training=True):
     """Inverted dropout, x * Bernoulli(1 - p) / (1 - p), as F.dropout, in its fastest form here.
     note: on a CPU this form (uniform >= p, one multiply) was faster forward + backward than
-    F.dropout's Bernoulli sampler in a throwaway micro-benchmark (2026-12; same distribution,
+    F.dropout's Bernoulli sampler in a micro-benchmark (same distribution,
     another random stream); on a GPU F.dropout's fused kernel."""
     if not training or p == 0.0:
         return x
@@ -894,7 +894,7 @@ def load_student(path, device="cpu"):
     return student.to(device).eval()
 
 
-# Fields added in 2026-12 (issue 9), with the behaviour a checkpoint written before them had.
+# Fields newer than some checkpoints, with the behaviour a checkpoint written without them had.
 LEGACY_CONFIG = dict(init="pytorch", feature_grad_mult=1.0, layer_grad_scale=False, init_conv_from_teacher=False,
                      normalize_waveform=False, gen_shared_proj=False)
 
@@ -916,12 +916,12 @@ def config_to_dict(cfg):
     return asdict(cfg)
 
 
-# Parameter names before the front end, heads and generator became modules of their own (2026-12).
+# Parameter names of checkpoints from before the front end, heads and generator were modules of their own.
 _OLD_FRONT_END = ("conv_layers.", "feature_norm.", "feature_proj.", "mask_emb", "pos_conv.", "pos_norm.")
 
 
 def upgrade_state_dict(state, cfg):
-    """A student state dict in today's parameter names; checkpoints written before 2026-12 had the
+    """A student state dict in today's parameter names; earlier checkpoints had the
     front end, DistilHuBERT's heads (pred_shared, pred_split) and the generator at the top level."""
     if not any(k.startswith("conv_layers.") for k in state):
         return state
