@@ -950,8 +950,8 @@ def setup(args):
         if device.type == "cpu":
             # note: torch 2.11's inductor writes C++ that does not compile (a vectorised blend of a scalar)
             # for one of ARMHuBERT's backward kernels on a CPU; scalar kernels compile. GPUs are unaffected.
-            import torch._inductor.config
-            torch._inductor.config.cpp.simdlen = 0
+            from torch._inductor import config as inductor_config
+            inductor_config.cpp.simdlen = 0
         # in place (nn.Module.compile): parameter names, checkpoints and resume are those of eager mode
         raw.compile()
         for layer in teacher.model.encoder.transformer.layers:
