@@ -123,6 +123,12 @@ def one_line(error):
     return text if len(text) <= 400 else text[:400] + " ..."
 
 
+def usage_error(message):
+    """Print `distill.py: error: MESSAGE` (one line) and stop with a FlagError (exit status 2)."""
+    print(f"distill.py: error: {message}", file=sys.stderr, flush=True)
+    raise FlagError(f"error: {message}")
+
+
 class FlagError(SystemExit):
     """A bad command line: one line on stderr, exit status 2 (argparse's convention), no traceback."""
 
@@ -145,8 +151,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, except that an error is one line (the usage is in --help) and a FlagError."""
 
     def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
-        raise FlagError(f"error: {message}")
+        usage_error(message)
 
 
 # What every numeric flag allows: (test, the words of the error). Checked once the recipe has
@@ -664,7 +669,7 @@ def pid_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, another user's
+        pass  # exists, another user's
     return True
 
 
@@ -1245,8 +1250,7 @@ def main(argv=None):
         except (ValueError, OSError, EOFError) as e:  # bad input at start: a teacher, a folder, a file
             if args.traceback:
                 raise
-            print(f"distill.py: error: {one_line(e)} (--traceback shows where)", file=sys.stderr, flush=True)
-            raise FlagError(f"error: {one_line(e)}") from None
+            usage_error(f"{one_line(e)} (--traceback shows where)")
         with StopSignal() as stop:  # from the first step on: Ctrl-C while loading simply stops
             train(run, stop)
     finally:

@@ -1139,6 +1139,6 @@ if __name__ == "__main__":
     except (ValueError, OSError, EOFError) as e:
         if show:
             raise
-        message = "; ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
-        print(f"eval.py: error: {message or type(e).__name__} (--traceback shows where)", file=sys.stderr)
+        import distill  # its one-line form of an error
+        print(f"eval.py: error: {distill.one_line(e)} (--traceback shows where)", file=sys.stderr)
         sys.exit(2)

@@ -1064,13 +1064,15 @@ class Teacher(nn.Module):
             # post-LN (Base) models; pre-LN (Large) models apply it after the last block instead.
             with torch.autocast(x.device.type, enabled=False):  # see POS_CONV_FP32
                 x = encoder.transformer._preprocess(x.float())
+            if self.is_wavlm:  # WavLM attention takes a key padding mask, additive as its bias
+                additive = torch.zeros_like(pad, dtype=x.dtype).masked_fill(pad, float("-inf"))  # (B, T)
+            else:
+                additive = (-10000.0 * pad[:, None, None, :].to(x.dtype)).expand(-1, 1, x.shape[1], -1)  # (B,1,T,T)
             layers, position_bias = [], None
             for layer in encoder.transformer.layers:
-                if self.is_wavlm:  # WavLM attention takes a key padding mask (additive, as its bias)
-                    pad_add = torch.zeros_like(pad, dtype=x.dtype).masked_fill(pad, float("-inf"))  # (B, T)
-                    x, position_bias = layer(x, None, position_bias=position_bias, key_padding_mask=pad_add)
+                if self.is_wavlm:
+                    x, position_bias = layer(x, None, position_bias=position_bias, key_padding_mask=additive)
                 else:
-                    additive = (-10000.0 * pad[:, None, None, :].to(x.dtype)).expand(-1, 1, x.shape[1], -1)  # (B,1,T,T)
                     x, _ = layer(x, additive)
                 layers.append(x)  # layers[k-1] = output of block k
             if final_norm and self.config["encoder_layer_norm_first"]:
