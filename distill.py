@@ -68,6 +68,9 @@ class Recipe:
     # the teacher's precision on GPUs: "fp32" (autocast off around it, matmuls in TF32) or "auto" (under
     # the student's autocast, bf16/fp16); on a CPU both are float32 unless --precision bf16/fp16
     teacher_precision: str = "fp32"
+    # what of each teacher block is the target: "block" (its output) or "ffn" (its FFN feature before
+    # the last residual addition, model.teacher_block)
+    target_point: str = "block"
     source: str = ""
 
 
@@ -91,11 +94,11 @@ RECIPES = {
     # Teacher under autocast: the official Lightning run (precision=16) wraps the teacher like the student.
     "armhubert": Recipe("armhubert", 5e-3, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 390_600, 221.0, 8, 0.8,
                         teacher_precision="auto", source="Recycle-and-Distill paper + official armhubert-960.yaml"),
-    # CoLLD (SPEC 3): no public recipe. choice: ARMHuBERT's optimizer, batch, masking and targets,
-    # with the maskhubert geometry's lr 5e-4 (the default student), and 200k steps; its teacher under
-    # autocast as ARMHuBERT's.
+    # CoLLD: no public recipe. Its targets are the teacher's FFN features (its first author in USAD,
+    # arXiv 2506.18843, Sec. III-B). choice: ARMHuBERT's optimizer, batch and masking, with the
+    # maskhubert geometry's lr 5e-4 (the default student), and 200k steps; teacher under autocast.
     "colld": Recipe("colld", 5e-4, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 200_000, 221.0, 8, 0.8,
-                    teacher_precision="auto", source="choice (no public recipe)"),
+                    teacher_precision="auto", target_point="ffn", source="choice (no public recipe)"),
     # GenDistiller (SPEC 4): no public recipe. choice: the DistilHuBERT recipe it compares to (float32 teacher).
     "gendistiller": Recipe("gendistiller", 2e-4, (0.9, 0.98), 1e-6, 0.01, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
                            max_seconds=15.625, teacher_final_norm=True, source="choice: DistilHuBERT's recipe"),
@@ -174,7 +177,6 @@ FLAG_RANGES = {
     "mask_prob": (lambda v: 0 <= v <= 1, "a share of the frames in [0, 1]"),
     "cos_weight": (lambda v: v >= 0, ">= 0"), "last_layer_weight": (lambda v: v >= 0, ">= 0"),
     "layer_weight": (lambda v: v >= 0, ">= 0"), "colld_temperature": (lambda v: v > 0, "> 0"),
-    "colld_l1_weight": (lambda v: v >= 0, ">= 0"),
 }
 # The numeric student fields set with --FIELD=VALUE (model.StudentConfig), checked the same way.
 _DROPOUT = (lambda v: 0 <= v < 1, "a probability in [0, 1)")
@@ -194,13 +196,13 @@ METHOD_FLAGS = {
     "mask_overlap": ("armhubert", "colld"), "mask_same_rows": ("armhubert", "colld"),
     "cos_weight": ("distilhubert", "gendistiller"), "last_layer_weight": ("armhubert",), "layer_weight": ("armhubert",),
     "colld_negatives": ("colld",), "colld_temperature": ("colld",), "colld_include_unmasked": ("colld",),
-    "colld_l1_weight": ("colld",), "gen_feed": ("gendistiller",),
+    "colld_objective": ("colld",), "gen_feed": ("gendistiller",),
 }
 # Their values when not given (the ones with a recipe value are filled from RECIPES).
 METHOD_FLAG_DEFAULTS = dict(mask_length=10, mask_min_space=1, mask_min_masks=2, mask_overlap=False,
                             mask_same_rows=18, cos_weight=1.0, last_layer_weight=1.0, layer_weight=0.1,
                             colld_negatives=100, colld_temperature=0.1, colld_include_unmasked=False,
-                            colld_l1_weight=0.0, gen_feed="teacher")
+                            colld_objective="infonce", gen_feed="teacher")
 
 
 def build_parser():
@@ -275,6 +277,10 @@ def build_parser():
                         "(true: s3prl hidden_states, transformers 4 hidden_states, 5 last_hidden_state; false: "
                         "fairseq/torchaudio extract_features and the official ARMHuBERT hooks). Default: true for "
                         "distilhubert/gendistiller, false for armhubert/colld")
+    g.add_argument("--target_point", default=None, choices=["block", "ffn"],
+                   help="what of each teacher block is the target: its output (block) or its feed-forward "
+                        "network's output before the residual addition (ffn: data2vec's target point, CoLLD's "
+                        "targets as USAD describes them). Default: ffn for colld, block for the others")
     g = p.add_argument_group("method details (choices the papers leave open, SPEC)")
     g.add_argument("--cos_weight", type=float, default=None,
                    help=f"lambda of the -log sigmoid(cos) term (DistilHuBERT, GenDistiller) (default {METHOD_FLAG_DEFAULTS['cos_weight']})")
@@ -287,8 +293,9 @@ def build_parser():
     g.add_argument("--colld_temperature", type=float, default=None,
                    help=f"CoLLD softmax temperature (tau) (default {METHOD_FLAG_DEFAULTS['colld_temperature']})")
     g.add_argument("--colld_include_unmasked", action="store_true", default=None, help="CoLLD: unmasked frames are anchors too")
-    g.add_argument("--colld_l1_weight", type=float, default=None,
-                   help=f"CoLLD: weight of an extra L1 regression term (default {METHOD_FLAG_DEFAULTS['colld_l1_weight']})")
+    g.add_argument("--colld_objective", default=None, choices=["infonce", "l1_cosine"],
+                   help="CoLLD: its InfoNCE, or DistilHuBERT's L1-cosine on the same anchors (USAD's ablation, "
+                        f"arXiv 2506.18843 Table VI) (default {METHOD_FLAG_DEFAULTS['colld_objective']})")
     g.add_argument("--gen_feed", default=None, choices=["teacher", "self"],
                    help="GenDistiller history during training: teacher forcing or its own predictions (free-running) "
                         f"(default {METHOD_FLAG_DEFAULTS['gen_feed']})")
@@ -380,7 +387,7 @@ def parse_args(argv=None):
                     max_steps=recipe.max_steps, batch_seconds=recipe.batch_seconds, accum=recipe.accum,
                     mask_prob=recipe.mask_prob, mask_type=recipe.mask_type, max_seconds=recipe.max_seconds,
                     teacher_final_norm="true" if recipe.teacher_final_norm else "false",
-                    teacher_precision=recipe.teacher_precision,
+                    teacher_precision=recipe.teacher_precision, target_point=recipe.target_point,
                     log_every=100, save_every=5000, val_every=5000)
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -441,7 +448,7 @@ def mask_share(mask, frames):
 
 def step_distilhubert(args, teacher, student, wav, lengths, seeds):
     """DistilHuBERT (SPEC 1): clean teacher layers 4, 8, 12; L1 + cosine on the heads' predictions."""
-    layers, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
+    layers, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm, point=args.target_point)
     targets = losses.teacher_targets(layers, unwrap(student).cfg.target_layers, args.target_norm)
     preds, _ = student(wav, lengths)
     return losses.distilhubert_loss(preds, targets, frame_lengths, args.cos_weight)
@@ -451,7 +458,7 @@ def step_gendistiller(args, teacher, student, wav, lengths, seeds):
     """GenDistiller (SPEC 4): teacher forcing feeds the true layers l_1..l_{K-1} as history
     (--gen_feed teacher); --gen_feed self runs the generator free; DistilHuBERT's loss on each output.
     Validation (eval mode) always runs free, as the deployed model does."""
-    layers, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
+    layers, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm, point=args.target_point)
     targets = losses.teacher_targets(layers, unwrap(student).cfg.target_layers, args.target_norm)
     history = targets[:-1] if args.gen_feed == "teacher" and student.training else None
     preds, _ = student(wav, lengths, history=history)
@@ -464,9 +471,10 @@ def step_armhubert(args, teacher, student, wav, lengths, seeds):
     masked input (a second teacher pass)."""
     mask, frames = draw_mask(args, teacher, lengths, seeds)  # (B, T) bool, (B,)
     features, frame_lengths = teacher.features(wav, lengths)  # computed once: the mask does not touch it
-    clean, _ = teacher.encode(features, frame_lengths, final_norm=args.teacher_final_norm)
+    clean, _ = teacher.encode(features, frame_lengths, None, args.teacher_final_norm, args.target_point)
     # with no frame masked (the --mask_prob 0 ablation) both passes would be the same
-    masked = teacher.encode(features, frame_lengths, mask, args.teacher_final_norm)[0] if mask.any() else clean
+    masked = teacher.encode(features, frame_lengths, mask, args.teacher_final_norm, args.target_point)[0] \
+        if mask.any() else clean
     target_layers = unwrap(student).cfg.target_layers
     clean = losses.teacher_targets(clean, target_layers, args.target_norm)
     masked = losses.teacher_targets(masked, target_layers, args.target_norm)
@@ -477,17 +485,21 @@ def step_armhubert(args, teacher, student, wav, lengths, seeds):
 
 
 def step_colld(args, teacher, student, wav, lengths, seeds):
-    """CoLLD (SPEC 3): one span mask M; the student sees the masked input; InfoNCE between each
-    student layer and its teacher layer on clean input, at the masked frames."""
+    """CoLLD (SPEC 3): one span mask M; the student sees the masked input; InfoNCE between the
+    student's heads and every teacher layer's FFN feature on clean input, at the masked frames."""
     mask, frames = draw_mask(args, teacher, lengths, seeds)  # (B, T) bool, (B,)
-    clean, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm)
+    clean, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm, point=args.target_point)
     targets = losses.teacher_targets(clean, unwrap(student).cfg.target_layers, args.target_norm)
     preds, _ = student(wav, lengths, mask=mask)
     # the negatives: a torch generator seeded from the same seed sequence as the mask
     seed = int(np.random.default_rng(seeds).integers(2 ** 62))
     gen = torch.Generator(device=wav.device).manual_seed(seed)  # drawn where the loss runs (GPU: no copy)
-    loss, parts = losses.colld_loss(preds, targets, mask, frame_lengths, args.colld_negatives, args.colld_temperature,
-                                    args.colld_include_unmasked, args.colld_l1_weight, generator=gen)
+    if args.colld_objective == "l1_cosine":  # the ablation: regression on the anchors InfoNCE would use
+        anchors = None if args.colld_include_unmasked else mask
+        loss, parts = losses.distilhubert_loss(preds, targets, frame_lengths, frames=anchors)
+    else:
+        loss, parts = losses.colld_loss(preds, targets, mask, frame_lengths, args.colld_negatives,
+                                        args.colld_temperature, args.colld_include_unmasked, generator=gen)
     return loss, {**parts, "mask_share": mask_share(mask, frames)}
 
 
@@ -959,8 +971,9 @@ def setup(args):
             inductor_config.cpp.simdlen = 0
         # in place (nn.Module.compile): parameter names, checkpoints and resume are those of eager mode
         raw.compile()
-        for layer in teacher.model.encoder.transformer.layers:
-            layer.compile()
+        for layer in teacher.model.encoder.transformer.layers:  # --target_point ffn calls the parts itself
+            for part in ((layer,) if args.target_point == "block" else (layer.attention, layer.feed_forward)):
+                part.compile()
     if rank > 0:
         # every rank built the same initial weights from args.seed; from here on each rank draws
         # its own dropout noise (rank 0 keeps exactly the stream of a single-process run)

@@ -28,6 +28,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import data
 
@@ -81,7 +82,7 @@ def teacher_targets(layers, target_layers, target_norm="none"):
 # DistilHuBERT (SPEC section 1) and GenDistiller (SPEC section 4)
 
 
-def distilhubert_loss(preds, targets, frame_lengths, cos_weight=1.0):
+def distilhubert_loss(preds, targets, frame_lengths, cos_weight=1.0, frames=None):
     """
     DistilHuBERT Eq. 1, averaged over valid frames only:
 
@@ -90,7 +91,8 @@ def distilhubert_loss(preds, targets, frame_lengths, cos_weight=1.0):
 
     p_l = preds[l] (B, T, D) (prediction head output), t_l = targets[l] (B, T, D) (teacher
     layer), N = number of valid frames (frame_lengths.sum()), D = feature size,
-    lambda = cos_weight (1 in the paper), |L| = len(preds).
+    lambda = cos_weight (1 in the paper), |L| = len(preds). frames (B, T) bool, optional: average
+    over these valid frames only (CoLLD's L1-cosine ablation: the masked frames).
     parts: "l1" and "cos" are the unweighted terms averaged over layers, so
     total = l1 + cos_weight * cos.
     """
@@ -98,6 +100,8 @@ def distilhubert_loss(preds, targets, frame_lengths, cos_weight=1.0):
     frame_lengths = frame_lengths.to(preds[0].device)  # lengths may arrive on the CPU
     B, T, D = preds[0].shape
     valid = data.valid_frames(frame_lengths, T)  # (B, T)
+    if frames is not None:
+        valid = valid & frames.to(valid.device)
     l1_sum, cos_sum = 0.0, 0.0
     for p, t in zip(preds, targets):
         p, t = p.float(), t.float()  # the loss is computed in float32 even under autocast
@@ -206,28 +210,37 @@ def _sample_negatives(anchor_b, anchor_t, frame_lengths, num_frames, k, generato
     return idx, key_k < 1.0  # (N, K'), (N, K')
 
 
+def _negative_logits(z, y, anchor_b, neg_idx):
+    """cos(z_a, y[b_a, j]) for the K' drawn frames j of each anchor: (N, D), (B, T', D) -> (N, K').
+    z and y are unit vectors; y[anchor_b, neg_idx] gathers (N, K', D)."""
+    return torch.einsum("nd,nkd->nk", z, y[anchor_b[:, None], neg_idx])
+
+
 def colld_loss(preds, targets, mask, frame_lengths, num_negatives=100, temperature=0.1,
-               include_unmasked=False, l1_weight=0.0, generator=None):
+               include_unmasked=False, generator=None, chunk=4096):
     """
-    CoLLD InfoNCE (SPEC section 3), per mapped layer l and anchor frame a = (b, t):
+    CoLLD InfoNCE, per target layer l and anchor frame a = (b, t):
 
         s(x, y)  = cos(x, y) / tau
-        L_nce,l  = 1/|A| sum_{a in A} -log( exp s(z_a, y+_a)
+        L_l      = 1/|A| sum_{a in A} -log( exp s(z_a, y+_a)
                       / (exp s(z_a, y+_a) + sum_{j=1..K_a} exp s(z_a, y-_{a,j})) )
-        L        = 1/|L| sum_l [ L_nce,l + alpha * L1_l ]
+        L        = 1/|L| sum_l L_l
 
-    z_a = preds[l][b, t] (student layer l already projected to the teacher dim by its head),
-    y+_a = targets[l][b, t] (teacher layer phi(l) at the same frame), y-_{a,j} =
-    targets[l][b, t_j] for K_a = min(K, n_b - 1) frames t_j != t drawn uniformly from the
-    other valid frames of utterance b (n_b = frame_lengths[b]), K = num_negatives,
-    tau = temperature, alpha = l1_weight, L1_l = mean |preds[l] - targets[l]| over valid
-    frames and dims, A = anchors = masked valid frames (mask & valid), or all valid frames
-    when include_unmasked. Logits are [positive, negatives], positive at index 0; negative
-    slots beyond K_a get logit -inf.
-    parts: "nce" (and "l1" when l1_weight > 0) averaged over layers, unweighted, so
-    total = nce + l1_weight * l1; "_acc" = fraction of anchors whose positive has the
-    highest logit (a metric, not a loss term). If there is no anchor, nce is 0 with a
-    grad path.
+    Sources: the CoLLD abstract (arXiv 2309.07707: masked student input, layer-to-layer,
+    contrastive); its first author's description in USAD (arXiv 2506.18843, Sec. III-A/B: every
+    teacher layer a target, the teacher's FFN features, "positive and negative samples on a
+    per-frame basis"). Choices: negatives, K, tau, anchors, cosine similarity.
+    z_a = preds[l][b, t] (the student's head for target l, in the teacher dim), y+_a =
+    targets[l][b, t] (the teacher's target at the same frame), y-_{a,j} = targets[l][b, t_j] for
+    K_a = min(K, n_b - 1) frames t_j != t drawn uniformly without replacement from the other valid
+    frames of utterance b (n_b = frame_lengths[b]), K = num_negatives, tau = temperature,
+    A = anchors = masked valid frames (mask & valid), or all valid frames when include_unmasked.
+    Logits are [positive, negatives], positive at index 0; negative slots beyond K_a get -inf.
+    parts: "nce" averaged over layers; "_acc" = fraction of anchors whose positive has the highest
+    logit (a metric, not a loss term). If there is no anchor, nce is 0 with a grad path.
+    Cost: only the N x K' drawn similarities are computed, N anchors at a time in chunks of
+    `chunk` recomputed in the backward pass (activation checkpointing), so memory stays at
+    chunk x K' x D whatever the batch; the result equals the full (T' x T') similarity matrix's.
     """
     _check(preds, targets, frame_lengths, "colld_loss")
     frame_lengths, mask = frame_lengths.to(preds[0].device), mask.to(preds[0].device)
@@ -238,42 +251,29 @@ def colld_loss(preds, targets, mask, frame_lengths, num_negatives=100, temperatu
     # changes neither the anchors nor the random draw of negatives.
     T_v = int(frame_lengths.max())
     valid = data.valid_frames(frame_lengths, T_v)  # (B, T')
-    # choice: anchors are masked valid frames; include_unmasked=True (distill.py's flag)
-    # makes them all valid frames (the other plausible reading of the paper).
+    # choice: anchors are masked valid frames (the masked prediction of the abstract);
+    # include_unmasked=True makes them all valid frames
     anchors = valid if include_unmasked else valid & mask[:, :T_v].bool()  # (B, T')
     anchor_b, anchor_t = anchors.nonzero(as_tuple=True)  # (N,), (N,) row-major order
-    nce_sum, l1_sum, acc_sum = 0.0, 0.0, 0.0
+    nce_sum, acc_sum = 0.0, 0.0
     for p, y in zip(preds, targets):
-        p, y = p[:, :T_v].float(), y[:, :T_v].float()  # (B, T', D)
-        if l1_weight > 0:
-            # choice: the optional L1 term (l1_weight, default 0) regresses all valid frames,
-            # not only the anchors.
-            l1_sum = l1_sum + _masked_mean((p - y).abs().mean(dim=-1), valid)
         if anchor_b.numel() == 0:
             nce_sum = nce_sum + 0.0 * p.sum()  # no anchor: zero loss that keeps a grad path
             continue
-        # note: one batched matmul of unit vectors gives cos(z_a, y) for every frame of the
-        # anchor's utterance; gathering negatives from it never materialises (N, K, D).
-        # choice: negatives are drawn independently for each layer.
-        with torch.autocast(device_type=p.device.type, enabled=False):  # float32 cosines
-            sim = torch.bmm(F.normalize(p, dim=-1, eps=1e-8),
-                            F.normalize(y, dim=-1, eps=1e-8).transpose(1, 2))  # (B, T', T')
-        sim = sim[anchor_b, anchor_t]  # (N, T') row a: cos(z_a, targets[b_a, every frame])
+        # choice: negatives are drawn independently for each layer
         neg_idx, neg_ok = _sample_negatives(anchor_b, anchor_t, frame_lengths, T_v,
                                             num_negatives, generator)  # (N, K'), (N, K')
-        pos = sim.gather(1, anchor_t[:, None])  # (N, 1)
-        neg = sim.gather(1, neg_idx).masked_fill(~neg_ok, -math.inf)  # (N, K')
-        logits = torch.cat([pos, neg], dim=1) / temperature  # (N, 1 + K'), positive first
+        with torch.autocast(device_type=p.device.type, enabled=False):  # float32 cosines
+            z = F.normalize(p[anchor_b, anchor_t].float(), dim=-1, eps=1e-8)  # (N, D) the anchors
+            y = F.normalize(y[:, :T_v].float(), dim=-1, eps=1e-8)  # (B, T', D) targets carry no grad
+            pos = (z * y[anchor_b, anchor_t]).sum(-1, keepdim=True)  # (N, 1)
+            neg = torch.cat([torch.utils.checkpoint.checkpoint(
+                _negative_logits, z[s:s + chunk], y, anchor_b[s:s + chunk], neg_idx[s:s + chunk],
+                use_reentrant=False) for s in range(0, len(z), chunk)])  # (N, K')
+        logits = torch.cat([pos, neg.masked_fill(~neg_ok, -math.inf)], dim=1) / temperature  # (N, 1 + K')
         target = torch.zeros_like(anchor_b)  # (N,) the positive is class 0
         nce_sum = nce_sum + F.cross_entropy(logits, target)  # mean over anchors
         acc_sum = acc_sum + (logits.detach().argmax(dim=1) == 0).float().mean()
-    n_layers = len(preds)
-    nce = nce_sum / n_layers
-    total = nce
-    parts = {"nce": nce.detach()}
-    if l1_weight > 0:
-        l1 = l1_sum / n_layers
-        total = total + l1_weight * l1
-        parts["l1"] = l1.detach()
-    parts["_acc"] = torch.as_tensor(acc_sum / n_layers, dtype=torch.float32).detach()
-    return total, parts
+    nce = nce_sum / len(preds)
+    parts = {"nce": nce.detach(), "_acc": torch.as_tensor(acc_sum / len(preds), dtype=torch.float32).detach()}
+    return nce, parts

@@ -185,6 +185,12 @@ class StudentConfig:
     gen_shared_proj: bool = True  # one output projection for every generated layer; False: one per layer
     teacher_dim: int = 768
     target_layers: Tuple[int, ...] = ()  # teacher layer (1-based) predicted by each output; set by fit_to_teacher
+    # per_layer heads: the student layer (1-based) each head reads, one per target; () = head i on layer i.
+    # Set by fit_to_teacher.
+    head_layers: Tuple[int, ...] = ()
+    # per_layer heads: predict every teacher layer (CoLLD, as its first author describes it: USAD,
+    # arXiv 2506.18843, Sec. III-A), not only one per student layer (rule: target_layers_for)
+    every_teacher_layer: bool = False
     init_from_teacher: bool = False  # copy conv, projection, pos conv and the first layers from the teacher
     # copy only the teacher's conv front end and its LayerNorm (the student keeps its own width, a
     # Linear(C -> dim) projection is added); kit recipe for scratch students, not in the papers
@@ -514,7 +520,8 @@ class Student(nn.Module):
         if cfg.head == "distilhubert":
             self.heads = DistilHuBERTHeads(cfg.dim, cfg.teacher_dim, len(cfg.target_layers))
         elif cfg.head == "per_layer":
-            self.heads = PerLayerHeads(cfg.dim, cfg.teacher_dim, cfg.num_layers, len(cfg.target_layers))
+            self.heads = PerLayerHeads(cfg.dim, cfg.teacher_dim, cfg.head_layers or range(1, cfg.num_layers + 1),
+                                       len(cfg.target_layers))
         else:
             raise ValueError(f"head={cfg.head!r}: expected 'distilhubert', 'per_layer' or 'generator'")
         init_weights(cfg, self.front_end, self.layers)
@@ -574,7 +581,7 @@ PRESETS = {
     # CoLLD: no size in the paper; choice (SPEC 3): the maskhubert geometry and settings, to
     # compare with ARMHuBERT at equal size
     "colld": StudentConfig(conv_layers=armhubert_conv(480), feature_projection=False, dim=480,
-                           ffn_dim=640, num_layers=12, input_dropout=0.05),
+                           ffn_dim=640, num_layers=12, input_dropout=0.05, every_teacher_layer=True),
     # GenDistiller: DistilHuBERT's front end (and its settings) and ONE teacher-width generator block
     # with one shared output projection: 2406.09444's "33 % fewer parameters" than the baseline and
     # "reduces WavLM by 82 %" (README: Students and their sizes); depth, targets and history: choices
@@ -627,19 +634,24 @@ class DistilHuBERTHeads(nn.Module):
 
 
 class PerLayerHeads(nn.ModuleList):
-    """One Linear(D -> Dt) per layer (ARMHuBERT, MaskHuBERT, CoLLD); part of the deployed model."""
+    """One Linear(D -> Dt) per target (ARMHuBERT, MaskHuBERT, CoLLD), head j reading student layer
+    head_layers[j] (1-based): one head per layer, or several when a shallower student predicts every
+    teacher layer (CoLLD). Part of the deployed model."""
 
-    def __init__(self, dim, teacher_dim, num_layers, num_targets):
-        if num_targets != num_layers:
-            raise ValueError(f"per_layer heads need one target per layer: {num_targets} targets, {num_layers} layers "
-                             "(build with a teacher, model.build_student(preset, teacher), or set target_layers)")
-        super().__init__(nn.Linear(dim, teacher_dim) for _ in range(num_layers))
+    def __init__(self, dim, teacher_dim, head_layers, num_targets):
+        self.head_layers = list(head_layers)
+        if num_targets != len(self.head_layers):
+            raise ValueError(f"per_layer heads need one target per head: {num_targets} targets, "
+                             f"{len(self.head_layers)} heads (build with a teacher, model.build_student(preset, "
+                             "teacher), or set target_layers and head_layers)")
+        super().__init__(nn.Linear(dim, teacher_dim) for _ in self.head_layers)
 
     def forward(self, hiddens):
-        return [head(h) for head, h in zip(self, hiddens)]
+        return [head(hiddens[i - 1]) for head, i in zip(self, self.head_layers)]
 
     def deployed(self, x0, hiddens):
-        """ARMHuBERT's SUPERB upstream returns the projected layers head_i(layer i)."""
+        """ARMHuBERT's SUPERB upstream returns the projected layers head_i(layer i); with several heads
+        per layer (CoLLD, every teacher layer) one output per head, in the teacher's layer order."""
         return self(hiddens)
 
 
@@ -801,13 +813,22 @@ class GenDistiller(nn.Module):
 
 
 def target_layers_for(cfg: StudentConfig, num_teacher_layers):
-    """The teacher layer (1-based) each output of the student `cfg` targets, by the rule above."""
-    L_t = num_teacher_layers
+    """The teacher layer (1-based) each output of the student `cfg` targets, by the rule above, and for
+    per_layer heads the student layer each head reads: (target_layers, head_layers)."""
+    L_t, L_s = num_teacher_layers, cfg.num_layers
     if cfg.head == "per_layer":
-        return tuple(max(1, math.floor(i * L_t / cfg.num_layers + 0.5)) for i in range(1, cfg.num_layers + 1))
+        phi = [0] + [max(1, math.floor(i * L_t / L_s + 0.5)) for i in range(1, L_s + 1)]
+        if not cfg.every_teacher_layer:
+            return tuple(phi[1:]), ()
+        # choice (CoLLD: "each and every layer of the teacher", USAD Sec. III-A): student layer i predicts
+        # teacher layers phi(i-1)+1 .. phi(i), contiguous groups in depth order (24 -> 12: layers 2i-1 and
+        # 2i), or phi(i) alone when that range is empty (a teacher shallower than the student)
+        pairs = [(k, i) for i in range(1, L_s + 1) for k in (range(phi[i - 1] + 1, phi[i] + 1) or [phi[i]])]
+        heads = tuple(i for _, i in pairs)
+        return tuple(k for k, _ in pairs), (() if heads == tuple(range(1, L_s + 1)) else heads)
     if any(t > L_t for t in cfg.target_layers) or cfg.target_layers == DEFAULT_TARGETS:
-        return tuple(max(1, math.floor(t * L_t / 12 + 0.5)) for t in DEFAULT_TARGETS)
-    return cfg.target_layers
+        return tuple(max(1, math.floor(t * L_t / 12 + 0.5)) for t in DEFAULT_TARGETS), ()
+    return cfg.target_layers, ()
 
 
 def fit_to_teacher(cfg, teacher):
@@ -823,7 +844,8 @@ def fit_to_teacher(cfg, teacher):
       student keeps its width and gets a LayerNorm(C) + Linear(C -> dim) projection.
     """
     c = teacher.config
-    new = dict(teacher_dim=teacher.dim, target_layers=target_layers_for(cfg, teacher.num_layers))
+    target_layers, head_layers = target_layers_for(cfg, teacher.num_layers)
+    new = dict(teacher_dim=teacher.dim, target_layers=target_layers, head_layers=head_layers)
     if cfg.init_conv_from_teacher or cfg.init_from_teacher:  # the conv is the teacher's, fed what it expects
         new.update(conv_layers=[tuple(x) for x in c["extractor_conv_layer_config"]],
                    conv_norm=c["extractor_mode"], conv_bias=c["extractor_conv_bias"], feature_projection=True,
@@ -909,6 +931,7 @@ def config_from_dict(d, state=None):
     d = {**legacy, "reuse_attention_dropout": d.get("attention_dropout", 0.1), **d}
     d["conv_layers"] = [tuple(c) for c in d["conv_layers"]]
     d["target_layers"] = tuple(d["target_layers"])
+    d["head_layers"] = tuple(d.get("head_layers", ()))
     return StudentConfig(**d)
 
 
@@ -1040,8 +1063,8 @@ class Teacher(nn.Module):
             return conv_front_end(self.model.feature_extractor.conv_layers, wav, lengths)
 
     @torch.no_grad()
-    def forward(self, wav, lengths, mask=None, final_norm=False):
-        return self.encode(*self.features(wav, lengths), mask, final_norm)
+    def forward(self, wav, lengths, mask=None, final_norm=False, point="block"):
+        return self.encode(*self.features(wav, lengths), mask, final_norm, point)
 
     @torch.no_grad()
     def features(self, wav, lengths):
@@ -1052,8 +1075,11 @@ class Teacher(nn.Module):
             return self.model.encoder.feature_projection(features), frame_lengths  # LayerNorm, Linear, dropout
 
     @torch.no_grad()
-    def encode(self, x, frame_lengths, mask=None, final_norm=False):
-        """The transformer on features x (B, T, D): mask embedding, positional conv, the L blocks."""
+    def encode(self, x, frame_lengths, mask=None, final_norm=False, point="block"):
+        """The transformer on features x (B, T, D): mask embedding, positional conv, the L blocks.
+        point "block": each block's output; "ffn": each block's FFN feature (teacher_block)."""
+        if point not in ("block", "ffn"):
+            raise ValueError(f"point={point!r}: expected 'block' or 'ffn'")
         with self.precision(x.device.type):
             encoder = self.model.encoder
             pad = ~data.valid_frames(frame_lengths, x.shape[1])  # (B, T): torchaudio's layers take padding masks
@@ -1065,17 +1091,18 @@ class Teacher(nn.Module):
             with torch.autocast(x.device.type, enabled=False):  # see POS_CONV_FP32
                 x = encoder.transformer._preprocess(x.float())
             if self.is_wavlm:  # WavLM attention takes a key padding mask, additive as its bias
-                additive = torch.zeros_like(pad, dtype=x.dtype).masked_fill(pad, float("-inf"))  # (B, T)
-            else:
-                additive = (-10000.0 * pad[:, None, None, :].to(x.dtype)).expand(-1, 1, x.shape[1], -1)  # (B,1,T,T)
+                kw = dict(key_padding_mask=torch.zeros_like(pad, dtype=x.dtype).masked_fill(pad, float("-inf")))
+            else:  # (B, 1, T, T)
+                kw = dict(attention_mask=(-10000.0 * pad[:, None, None, :].to(x.dtype)).expand(-1, 1, x.shape[1], -1))
             layers, position_bias = [], None
             for layer in encoder.transformer.layers:
-                if self.is_wavlm:
-                    x, position_bias = layer(x, None, position_bias=position_bias, key_padding_mask=additive)
+                if point == "ffn":
+                    x, ffn, position_bias = teacher_block(layer, x, position_bias=position_bias, **kw)
+                    layers.append(ffn)  # the FFN feature of block k
                 else:
-                    x, _ = layer(x, additive)
-                layers.append(x)  # layers[k-1] = output of block k
-            if final_norm and self.config["encoder_layer_norm_first"]:
+                    x, position_bias = layer(x, position_bias=position_bias, **kw)
+                    layers.append(x)  # layers[k-1] = output of block k
+            if final_norm and point == "block" and self.config["encoder_layer_norm_first"]:
                 # pre-LN models apply one more LayerNorm after the last block (s3prl's hidden_states[L]
                 # and transformers 4 include it, transformers 5 only in last_hidden_state; extract_features
                 # and the official ARMHuBERT hooks do not)
@@ -1085,6 +1112,28 @@ class Teacher(nn.Module):
     def hidden_states(self, wav, lengths):
         """Same signature as Student.hidden_states, so eval.py treats both alike."""
         return self(wav, lengths)
+
+
+def teacher_block(layer, x, attention_mask=None, position_bias=None, key_padding_mask=None):
+    """torchaudio's EncoderLayer.forward written out to expose the FFN feature: the output of the
+    block's feed-forward network before the residual addition that follows it (data2vec's target
+    point, arXiv 2202.03555 Sec. 3.3; CoLLD's targets as USAD, arXiv 2506.18843 Sec. III-B, describes
+    them). Returns (block output, FFN feature, position bias); the block output is torchaudio's.
+      post-LN (HuBERT Base): x = LN(x + attn(x)); out = LN'(x + ffn(x))
+      pre-LN (Large, WavLM Large): x = x + attn(LN(x)); out = x + ffn(LN'(x))
+    WavLM blocks are the same with their attention (relative position bias) in place of attn."""
+    residual = x
+    if layer.layer_norm_first:
+        x = layer.layer_norm(x)
+    x, position_bias = layer.attention(x, attention_mask=attention_mask, position_bias=position_bias,
+                                       key_padding_mask=key_padding_mask)
+    x = residual + layer.dropout(x)
+    if layer.layer_norm_first:
+        ffn = layer.feed_forward(layer.final_layer_norm(x))
+        return x + ffn, ffn, position_bias
+    x = layer.layer_norm(x)
+    ffn = layer.feed_forward(x)
+    return layer.final_layer_norm(x + ffn), ffn, position_bias
 
 
 def torchaudio_model(config):
@@ -1697,7 +1746,7 @@ def count_macs(cfg: StudentConfig, seconds=10.0, with_heads=True):
     reuses = reuse_pattern(cfg)
     macs += sum(layer_macs(T, r) for r in reuses)
     if with_heads and cfg.head == "per_layer":
-        macs += cfg.num_layers * T * D * cfg.teacher_dim
+        macs += K * T * D * cfg.teacher_dim  # one head per target
     if with_heads and cfg.head == "distilhubert":
         macs += T * D * K * cfg.teacher_dim + K * T * cfg.teacher_dim ** 2
     return macs

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 import torchaudio
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -732,6 +733,55 @@ def test_model_teacher_shared_features_give_identical_targets(tiny_teacher):
         shared, _ = tiny_teacher.encode(features, fl, m, final_norm=True)
         full, _ = tiny_teacher(wav, lengths, mask=m, final_norm=True)
         assert all(torch.equal(a, b) for a, b in zip(shared, full))
+
+
+@pytest.mark.parametrize("which", ["post_ln", "pre_ln", "wavlm"])
+def test_model_teacher_ffn_features_match_a_hook_on_torchaudio(which, tiny_teacher):
+    # --target_point ffn: each block's FFN output before its residual addition, checked against a
+    # forward hook on the feed-forward module of torchaudio's own layers (its own forward, unchanged)
+    teacher = _mt_precision_teachers(tiny_teacher)[which]
+    wav, lengths = _mt_wav([5000, 5000], seed=47, garbage=False)  # unpadded: torchaudio's WavLM takes no lengths
+    ffn, _ = teacher(wav, lengths, point="ffn")
+    block, _ = teacher(wav, lengths, point="block")
+    hooked = []
+    hooks = [layer.feed_forward.register_forward_hook(lambda m, i, o: hooked.append(o))
+             for layer in teacher.model.encoder.transformer.layers]
+    try:
+        ta_in = model.standardize_waveform(wav, lengths) if teacher.normalize_waveform else wav
+        with torch.no_grad():
+            ref_block, _ = teacher.model.extract_features(ta_in)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(ffn) == len(hooked) == teacher.num_layers
+    for ours, theirs in zip(ffn, hooked):
+        _mt_close(ours, theirs)
+    for ours, theirs, f in zip(block, ref_block, ffn):
+        _mt_close(ours, theirs)
+        assert not torch.allclose(ours, f, atol=1e-3)  # the FFN feature is not the block output
+    # "block" is today's target, bit for bit: the default call, and the block output of teacher_block
+    assert all(torch.equal(a, b) for a, b in zip(block, teacher(wav, lengths)[0]))
+    layer = teacher.model.encoder.transformer.layers[0]
+    x = torch.randn(2, 7, teacher.dim)
+    with torch.no_grad():
+        out, f, _ = model.teacher_block(layer, x)
+        assert torch.equal(out, layer(x)[0])
+
+
+def test_distill_target_point_flag_reaches_every_method(tiny_teacher, monkeypatch):
+    parse = lambda m, *a: distill.parse_args(["--method", m, "--data", "x", *a])
+    assert parse("colld").target_point == "ffn" and parse("armhubert").target_point == "block"
+    assert parse("colld", "--target_point", "block").target_point == "block"
+    wav, lengths = _mt_wav([6000, 5000], seed=48, garbage=False)
+    ffn, fl = tiny_teacher(wav, lengths, point="ffn")
+    for method in ("distilhubert", "armhubert", "colld", "gendistiller"):
+        args = parse(method, "--target_point", "ffn")
+        student = _mt_student(_mt_cfg(method, tiny_teacher))
+        seen, real = [], losses.teacher_targets
+        monkeypatch.setattr(losses, "teacher_targets", lambda layers, *a: seen.append(layers) or real(layers, *a))
+        distill.METHODS[method].step(args, tiny_teacher, student, wav, lengths, [0, 1, 0, 0])
+        monkeypatch.undo()
+        assert torch.equal(seen[0][0], ffn[0]), method  # the clean pass targets the FFN features
 
 
 def test_model_teacher_is_frozen(tiny_teacher):
@@ -1517,7 +1567,7 @@ def test_model_layer_map_rounds_halves_up_and_never_hits_layer_0():
         dim, num_layers = 48, 12
 
     for L_s, expected in ((24, [1, 1, 2, 2, 3]), (8, [2, 3, 5, 6, 8, 9, 11, 12])):
-        cfg, _ = fit_to_teacher(replace(PRESETS["colld"], num_layers=L_s), Teacher12)
+        cfg, _ = fit_to_teacher(replace(PRESETS["armhubert"], num_layers=L_s), Teacher12)
         assert list(cfg.target_layers[: len(expected)]) == expected and min(cfg.target_layers) >= 1
         assert cfg.target_layers[-1] == 12
 
@@ -1929,9 +1979,9 @@ def test_colld_fewer_frames_than_k_and_k_smaller():
         assert math.isclose(total.item(), math.log(1 + k_a * math.exp(-1)), rel_tol=1e-5)
 
 
-def test_colld_two_layers_include_unmasked_and_l1():
-    # utterance 0 (2 valid frames): orthogonal one-hot targets, pred = target.
-    # layer 1 exact; layer 2 has pred frame 1 = [0, 2] (cos still 1, L1 = 0.5 on that frame).
+def test_colld_two_layers_include_unmasked():
+    # utterance 0 (2 valid frames): orthogonal one-hot targets; layer 1 pred = target, layer 2 pred
+    # frame 1 = [0, 2] (cos still 1): the same InfoNCE on both layers, the unmasked frame an anchor too
     tgt = _t([[[1, 0], [0, 1]]])
     p2 = _t([[[1, 0], [0, 2]]])
     mask = torch.tensor([[True, False]])
@@ -1939,11 +1989,8 @@ def test_colld_two_layers_include_unmasked_and_l1():
     tau = 0.5
     nce = math.log(1 + math.exp(-1 / tau))
     total, parts = colld_loss([tgt.clone(), p2], [tgt, tgt], mask, lengths, temperature=tau,
-                              include_unmasked=True, l1_weight=0.5, generator=_gen())
-    l1 = (0 + 0.5 / 2) / 2  # layer 2: frames 0 and 1 -> L1 (0 + 0.5) / 2; layer mean
-    assert math.isclose(parts["nce"].item(), nce, rel_tol=1e-5)
-    assert math.isclose(parts["l1"].item(), l1, rel_tol=1e-5)
-    assert math.isclose(total.item(), nce + 0.5 * l1, rel_tol=1e-5)
+                              include_unmasked=True, generator=_gen())
+    assert math.isclose(parts["nce"].item(), nce, rel_tol=1e-5) and math.isclose(total.item(), nce, rel_tol=1e-5)
 
 
 def test_colld_near_zero_when_student_copies_teacher():
@@ -1969,11 +2016,78 @@ def test_colld_padding_invariance_fixed_generator():
     out_long, _ = colld_loss([_pad(p, 3)], [_pad(t, 3, 1.0)], _pad(mask, 3, True), lengths,
                              num_negatives=2, generator=_gen(5))
     assert torch.allclose(ref, out) and torch.allclose(ref, out_long)
-    # with l1 and unmasked anchors too
-    a, _ = colld_loss([p], [t], mask, lengths, include_unmasked=True, l1_weight=1.0, generator=_gen(1))
+    # with unmasked anchors too
+    a, _ = colld_loss([p], [t], mask, lengths, include_unmasked=True, generator=_gen(1))
     b, _ = colld_loss([_pad(p2, 2)], [_pad(t2, 2)], _pad(mask2, 2, True), lengths,
-                      include_unmasked=True, l1_weight=1.0, generator=_gen(1))
+                      include_unmasked=True, generator=_gen(1))
     assert torch.allclose(a, b)
+
+
+def _colld_full_matrix(preds, targets, mask, lengths, k, tau, generator):
+    """The InfoNCE through the full (B, T', T') cosine matrix of every frame pair (a reference)."""
+    T_v = int(lengths.max())
+    anchors = data.valid_frames(lengths, T_v) & mask[:, :T_v]
+    ab, at = anchors.nonzero(as_tuple=True)
+    total = 0.0
+    for p, y in zip(preds, targets):
+        sim = torch.bmm(F.normalize(p[:, :T_v], dim=-1, eps=1e-8),
+                        F.normalize(y[:, :T_v], dim=-1, eps=1e-8).transpose(1, 2))[ab, at]  # (N, T')
+        idx, ok = losses._sample_negatives(ab, at, lengths, T_v, k, generator)
+        logits = torch.cat([sim.gather(1, at[:, None]), sim.gather(1, idx).masked_fill(~ok, -math.inf)], 1) / tau
+        total = total + F.cross_entropy(logits, torch.zeros_like(ab))
+    return total / len(preds)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_colld_drawn_negatives_equal_the_full_matrix_loss(chunk):
+    torch.manual_seed(6)
+    lengths = torch.tensor([30, 17, 4])
+    preds = [torch.randn(3, 33, 8, requires_grad=True) for _ in range(2)]
+    targets = [torch.randn(3, 33, 8) for _ in range(2)]
+    mask = torch.rand(3, 33) < 0.6
+    ref = _colld_full_matrix(preds, targets, mask, lengths, 10, 0.1, _gen(9))
+    ours, _ = colld_loss(preds, targets, mask, lengths, num_negatives=10, temperature=0.1, generator=_gen(9),
+                         chunk=chunk)
+    assert torch.allclose(ours, ref, atol=1e-6, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(ours, preds), torch.autograd.grad(ref, preds)):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+@pytest.mark.parametrize("L_s,L_t", [(12, 12), (12, 24), (6, 12), (12, 6)])
+def test_model_colld_predicts_every_teacher_layer(L_s, L_t):
+    cfg = replace(PRESETS["colld"], num_layers=L_s)
+    targets, heads = model.target_layers_for(cfg, L_t)
+    heads = heads or tuple(range(1, L_s + 1))  # () = head i on layer i
+    assert sorted(set(targets)) == list(range(1, L_t + 1))  # every teacher layer, in depth order
+    assert list(targets) == sorted(targets) and sorted(set(heads)) == list(range(1, L_s + 1))
+    if L_t >= L_s:
+        per = L_t // L_s  # 12 -> 24, 6 -> 12: student layer i predicts teacher layers 2i-1 and 2i
+        assert targets == tuple(range(1, L_t + 1)) and heads == tuple(i for i in range(1, L_s + 1) for _ in range(per))
+    # ARMHuBERT keeps one head per layer on phi(i) = round(i L_t / L_s)
+    arm, arm_heads = model.target_layers_for(replace(PRESETS["armhubert"], num_layers=L_s), L_t)
+    assert arm_heads == () and arm == tuple(max(1, math.floor(i * L_t / L_s + 0.5)) for i in range(1, L_s + 1))
+    # the student: one prediction and one deployed output per head, head j reading student layer heads[j]
+    small = replace(cfg, conv_layers=_mt_small_conv(8), dim=8, ffn_dim=8, num_heads=2, pos_conv_kernel=4,
+                    pos_conv_groups=1, teacher_dim=6, target_layers=targets,
+                    head_layers=() if heads == tuple(range(1, L_s + 1)) else heads)
+    student = _mt_student(small)
+    wav, lengths = _mt_wav([3000, 2500], seed=49, garbage=False)
+    with torch.no_grad():
+        preds, fl = student(wav, lengths)
+        deployed, _ = student.hidden_states(wav, lengths)
+    assert len(preds) == len(deployed) == len(targets) and all(p.shape[-1] == 6 for p in preds)
+    assert all(torch.equal(a, b) for a, b in zip(preds, deployed))
+
+
+def test_model_colld_student_of_a_deeper_teacher_builds_and_loads(tiny_teacher, tmp_path):
+    # a 6-layer CoLLD student of the 12-layer tiny teacher: 12 heads, two per layer; a checkpoint round trip
+    student, _ = model.build_student(replace(PRESETS["colld"], num_layers=6), tiny_teacher)
+    assert student.cfg.target_layers == tuple(range(1, 13))
+    assert student.cfg.head_layers == (1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6) and len(student.heads) == 12
+    path = tmp_path / "s.pt"
+    torch.save({"config": model.config_to_dict(student.cfg), "student": student.state_dict()}, path)
+    again = model.load_student(str(path))
+    assert again.cfg == student.cfg
 
 
 def test_colld_negative_sampling_is_valid_and_distinct():
@@ -2076,7 +2190,7 @@ def _dt_message(excinfo):
 # ----------------------------------------------------------------------------- overfitting one batch
 
 @pytest.mark.parametrize("method,lr,steps", [("distilhubert", 3e-3, 80), ("gendistiller", 5e-3, 40),
-                                             ("armhubert", 3e-3, 40), ("colld", 3e-3, 60)])
+                                             ("armhubert", 3e-3, 40), ("colld", 3e-3, 90)])
 def test_distill_each_method_overfits_one_batch(method, lr, steps, tiny_teacher):
     args = distill.parse_args(["--method", method] + _DT_RUN + _dt_student_flags(method) + _DT_NO_DROPOUT)
     torch.manual_seed(0)
@@ -2236,7 +2350,7 @@ _DT_BAD_FLAGS = [
     ("armhubert", ["--seed", "-1"]), ("armhubert", ["--mask_length", "0"]), ("armhubert", ["--mask_min_space", "-1"]),
     ("armhubert", ["--mask_min_masks", "-1"]), ("armhubert", ["--mask_same_rows", "-1"]),
     ("armhubert", ["--layer_weight", "-1"]), ("armhubert", ["--last_layer_weight", "-1"]),
-    ("colld", ["--colld_negatives", "0"]), ("colld", ["--colld_temperature", "0"]), ("colld", ["--colld_l1_weight", "-1"]),
+    ("colld", ["--colld_negatives", "0"]), ("colld", ["--colld_temperature", "0"]), ("colld", ["--colld_objective", "mse"]),
     ("distilhubert", ["--cos_weight", "-1"]),
     # flags of another method's objective would be ignored: refused
     ("distilhubert", ["--mask_prob", "0.5"]), ("armhubert", ["--colld_negatives", "10"]),
