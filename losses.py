@@ -1,27 +1,19 @@
-"""
-Distillation losses for the four methods of SPEC.md, batch-first (B, T, D), padding-aware.
+"""Distillation losses of the four methods: batch-first (B, T, D), padding-aware, torch only.
 
-Papers and what implements them (every loss compares with `teacher_targets`: the teacher
-layers phi(l) the student's outputs target, optionally layer-normalised per frame):
-- DistilHuBERT (arXiv 2110.01900, Sec. 2, Eq. 1; SPEC section 1): `distilhubert_loss`
-    L = 1/|L| sum_l [ L1(p_l, t_l) + lambda * mean_t -log sigmoid(cos(p_l[t], t_l[t])) ]
-- ARMHuBERT masking distillation (arXiv 2305.11685, Sec. 3.2; official code
-  sungnyun/ARMHuBERT; SPEC section 2): `masking_distillation_loss`
-    L = sum_l w_l * sum_{t valid} e_l[t] / N_valid,
-    e_l[t] = mean_d (p_l[t] - (M[t] ? t_l[t] : t~_l[t]))^2
-- CoLLD contrastive layer-to-layer distillation (Chang et al., arXiv 2309.07707; its abstract
-  only, no public code: every detail below is a choice listed in SPEC section 3): `colld_loss`
-    L = 1/|L| sum_l mean_{anchors} -log softmax([cos(z,t+), cos(z,t-_1..K)] / tau)[0]
-- GenDistiller (Gao et al., arXiv 2310.13418 and 2406.09444; SPEC section 4): `gendistiller_loss`
-  (choice: the DistilHuBERT loss on each generated layer; the abstracts do not name a loss).
+- DistilHuBERT (Chang et al., arXiv 2110.01900, Eq. 1): `distilhubert_loss`.
+- ARMHuBERT masking distillation (Jang et al., arXiv 2305.11685, Sec. 3.2; official code sungnyun/ARMHuBERT):
+  `masking_distillation_loss`.
+- CoLLD contrastive layer-to-layer distillation (Chang et al., arXiv 2309.07707; the design as its first
+  author describes it in USAD, arXiv 2506.18843, Sec. III; no public code, so the details marked "choice"
+  are ours): `colld_loss`.
+- GenDistiller (Gao et al., arXiv 2310.13418 and 2406.09444): `gendistiller_loss`.
+Each docstring writes its loss's equation; the targets t_l come from `teacher_targets`.
 
-Conventions (SPEC section 0): every loss averages over valid frames only, i.e. frames
-t < frame_lengths[b]; values in padded frames never reach a loss. (s3prl's DistilHuBERT and
-the official ARMHuBERT code average over padded frames too; this is our deliberate change.)
-Each loss returns (total, parts): total is a scalar with grad, parts a dict of detached
-scalars for logging; a key starting with "_" is a metric, not a term of the loss.
+Convention: every loss averages over valid frames t < frame_lengths[b] only, so padding never reaches a
+loss (s3prl's DistilHuBERT and the official ARMHuBERT code average over padding too). Each loss returns
+(total, parts): a scalar with grad and a dict of detached scalars for logging ("_" keys are metrics, not
+loss terms). Example (what distill.py does for DistilHuBERT):
 
-Example (what distill.py does for DistilHuBERT):
     total, parts = distilhubert_loss(preds, targets, frame_lengths)  # parts: l1, cos
 """
 import math
@@ -30,45 +22,45 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-import data
-
 # -----------------------------------------------------------------------------
-# Boundary checks and the masked mean (padding: data.valid_frames, True on real frames)
+# Boundary checks, padding mask, masked mean, and the targets every loss compares with
 
 
-def _check(preds, targets, frame_lengths, name):
-    """Boundary check: same number of layers, same (B, T, D), lengths fit in T."""
+def _check(name, preds, targets, frame_lengths, mask=None):
+    """Boundary check: the same non-zero number of layers, equal (B, T, D), lengths within T, mask (B, T)."""
     if len(preds) != len(targets) or len(preds) == 0:
-        raise ValueError(f"{name}: got {len(preds)} predicted layers and {len(targets)} "
-                         "target layers; expected the same non-zero number")
+        raise ValueError(f"{name}: got {len(preds)} predicted layers and {len(targets)} target layers; "
+                         "expected the same non-zero number")
     for l, (p, t) in enumerate(zip(preds, targets)):
         if p.shape != t.shape or p.dim() != 3:
-            raise ValueError(f"{name}: layer {l}: prediction {tuple(p.shape)} vs target "
-                             f"{tuple(t.shape)}; expected equal (B, T, D)")
+            raise ValueError(f"{name}: layer {l}: prediction {tuple(p.shape)} vs target {tuple(t.shape)}; "
+                             "expected equal (B, T, D)")
     B, T, _ = preds[0].shape
     if frame_lengths.shape != (B,) or int(frame_lengths.max()) > T:
         raise ValueError(f"{name}: frame_lengths {tuple(frame_lengths.shape)} with max "
                          f"{int(frame_lengths.max())} does not fit a batch of B={B}, T={T}")
+    if mask is not None and mask.shape != (B, T):
+        raise ValueError(f"{name}: mask {tuple(mask.shape)}, expected (B, T) = ({B}, {T})")
+
+
+def _valid(frame_lengths, T):
+    """(B, T) bool, True at the valid frames t < frame_lengths[b] (data.valid_frames, copied)."""
+    return torch.arange(T, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
 
 
 def _masked_mean(x, mask):
-    """Mean of x (B, T) over the True entries of mask (B, T); 0 (with grad) if none."""
+    """Mean of x (B, T) over the True entries of mask (B, T); 0 with grad, not NaN, if none (the clamp)."""
     mask = mask.to(x.dtype)
-    # note: clamp keeps an all-padding batch at 0 instead of NaN.
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-# -----------------------------------------------------------------------------
-# The targets every loss below compares with
 
 
 def teacher_targets(layers, target_layers, target_norm="none"):
     """The distillation targets t_l: teacher layer k = layers[k - 1] for k in target_layers.
 
-    target_norm "layer_norm" (--target_norm): each target frame normalised over the teacher
-    dimension without parameters, y = (t - mean_d t) / sqrt(var_d t + 1e-5) (as data2vec's targets).
-    A post-LN teacher (HuBERT Base) already ends every block in a LayerNorm, so this mainly matters
-    for pre-LN teachers (Large models, the kit teacher), whose residual stream grows with depth.
+    target_norm "layer_norm" (--target_norm): each target frame normalised over the teacher dimension
+    without parameters, y = (t - mean_d t) / sqrt(var_d t + 1e-5) (as data2vec's targets). A post-LN
+    teacher (HuBERT Base) already ends every block in a LayerNorm, so this matters for pre-LN teachers
+    (Large models, the kit teacher), whose residual stream grows with depth.
     """
     targets = [layers[k - 1].float() for k in target_layers]  # float32 also from a teacher under autocast
     if target_norm == "layer_norm":
@@ -79,27 +71,24 @@ def teacher_targets(layers, target_layers, target_norm="none"):
 
 
 # -----------------------------------------------------------------------------
-# DistilHuBERT (SPEC section 1) and GenDistiller (SPEC section 4)
+# DistilHuBERT (arXiv 2110.01900) and GenDistiller (arXiv 2310.13418, 2406.09444)
 
 
 def distilhubert_loss(preds, targets, frame_lengths, cos_weight=1.0, frames=None):
-    """
-    DistilHuBERT Eq. 1, averaged over valid frames only:
+    """DistilHuBERT Eq. 1, averaged over valid frames only:
 
         L = 1/|L| sum_l [ 1/(N D) sum_{b,t valid} sum_d |p_l[b,t,d] - t_l[b,t,d]|
                           + lambda * 1/N sum_{b,t valid} -log sigmoid(cos(p_l[b,t], t_l[b,t])) ]
 
-    p_l = preds[l] (B, T, D) (prediction head output), t_l = targets[l] (B, T, D) (teacher
-    layer), N = number of valid frames (frame_lengths.sum()), D = feature size,
-    lambda = cos_weight (1 in the paper), |L| = len(preds). frames (B, T) bool, optional: average
-    over these valid frames only (CoLLD's L1-cosine ablation: the masked frames).
-    parts: "l1" and "cos" are the unweighted terms averaged over layers, so
-    total = l1 + cos_weight * cos.
+    p_l = preds[l] (B, T, D) (prediction head output), t_l = targets[l] (B, T, D) (teacher layer),
+    N = number of valid frames (frame_lengths.sum()), D = feature size, lambda = cos_weight (1 in the
+    paper), |L| = len(preds). frames (B, T) bool, optional: average over these valid frames only
+    (CoLLD's L1-cosine ablation: the masked frames). parts: "l1" and "cos", the unweighted terms
+    averaged over layers, so total = l1 + cos_weight * cos.
     """
-    _check(preds, targets, frame_lengths, "distilhubert_loss")
+    _check("distilhubert_loss", preds, targets, frame_lengths)
     frame_lengths = frame_lengths.to(preds[0].device)  # lengths may arrive on the CPU
-    B, T, D = preds[0].shape
-    valid = data.valid_frames(frame_lengths, T)  # (B, T)
+    valid = _valid(frame_lengths, preds[0].shape[1])  # (B, T)
     if frames is not None:
         valid = valid & frames.to(valid.device)
     l1_sum, cos_sum = 0.0, 0.0
@@ -107,66 +96,51 @@ def distilhubert_loss(preds, targets, frame_lengths, cos_weight=1.0, frames=None
         p, t = p.float(), t.float()  # the loss is computed in float32 even under autocast
         l1 = _masked_mean((p - t).abs().mean(dim=-1), valid)  # mean over d, then valid frames
         cos = F.cosine_similarity(p, t, dim=-1)  # (B, T)
-        cos_term = _masked_mean(-F.logsigmoid(cos), valid)
-        l1_sum, cos_sum = l1_sum + l1, cos_sum + cos_term
+        l1_sum, cos_sum = l1_sum + l1, cos_sum + _masked_mean(-F.logsigmoid(cos), valid)
     l1, cos = l1_sum / len(preds), cos_sum / len(preds)
-    total = l1 + cos_weight * cos
-    return total, {"l1": l1.detach(), "cos": cos.detach()}
+    return l1 + cos_weight * cos, {"l1": l1.detach(), "cos": cos.detach()}
 
 
 def gendistiller_loss(preds, targets, frame_lengths, cos_weight=1.0):
-    """
-    GenDistiller loss (SPEC section 4): the DistilHuBERT loss (L1 + lambda * cosine term,
-    see distilhubert_loss) on each generated layer, averaged over the K generated layers:
+    """GenDistiller (choice: the abstracts name no loss): the DistilHuBERT loss on each of the K generated
+    layers, averaged over them:
 
         L = 1/K sum_k [ L1(p_k, t_{l_k}) + lambda * mean_t -log sigmoid(cos(p_k[t], t_{l_k}[t])) ]
 
-    p_k = preds[k] (B, T, D) is the generator's prediction of teacher layer l_k,
-    t_{l_k} = targets[k] (B, T, D), lambda = cos_weight.
-    note: teacher forcing (history slots hold the teacher's layers) versus free running
-    (history slots hold the generator's own predictions, `--gen_feed self`) is decided by
-    how model.py is called to produce preds; the loss is the same in both cases.
+    p_k = preds[k] (B, T, D), the generator's prediction of teacher layer l_k; t_{l_k} = targets[k];
+    lambda = cos_weight. note: teacher forcing or free running (`--gen_feed self`) changes how
+    model.py produces preds, not the loss.
     """
     return distilhubert_loss(preds, targets, frame_lengths, cos_weight=cos_weight)
 
 
 # -----------------------------------------------------------------------------
-# ARMHuBERT masking distillation (SPEC section 2)
+# ARMHuBERT masking distillation (arXiv 2305.11685)
 
 
-def masking_distillation_loss(preds, clean_targets, masked_targets, mask, frame_lengths,
-                              layer_weights=None):
-    """
-    ARMHuBERT masking distillation (Sec. 3.2 of 2305.11685, as in its official code):
+def masking_distillation_loss(preds, clean_targets, masked_targets, mask, frame_lengths, layer_weights=None):
+    """ARMHuBERT masking distillation (Sec. 3.2 of 2305.11685, as in its official code):
 
         y_l[b,t] = t_l[b,t]  if M[b,t]  else  t~_l[b,t]
         e_l[b,t] = 1/D sum_d (p_l[b,t,d] - y_l[b,t,d])^2
         L = sum_l w_l * (sum_{b,t valid} e_l[b,t]) / N
 
-    p_l = preds[l] (B, T, D) (student layer l after its projection head),
-    t_l = clean_targets[l] (teacher on the clean input), t~_l = masked_targets[l] (teacher
-    on the input with the frames M replaced by its mask embedding), M = mask (B, T) bool
-    (frames the student saw masked), N = number of valid frames, w_l = layer_weights[l]
-    (default 0.1 for every layer but the last, 1.0 for the last, as the official code).
-    Masked frames thus predict what the teacher sees in clean audio; unmasked frames
-    imitate the teacher under the same corruption.
-    parts: "masked" and "unmasked" are the weighted contributions of masked and unmasked
-    valid frames; they sum to the total.
+    p_l = preds[l] (B, T, D) (student layer l after its projection head), t_l = clean_targets[l]
+    (teacher on the clean input), t~_l = masked_targets[l] (teacher on the input with the frames M
+    replaced by its mask embedding), M = mask (B, T) bool (frames the student saw masked), N = number
+    of valid frames, w_l = layer_weights[l] (default 0.1 for every layer but the last, 1.0 for the last,
+    as the official code). Masked frames thus predict what the teacher sees in clean audio; unmasked
+    frames imitate the teacher under the same corruption. parts: "masked" and "unmasked", the weighted
+    contributions of masked and unmasked valid frames, sum to the total.
     """
-    _check(preds, clean_targets, frame_lengths, "masking_distillation_loss")
-    _check(preds, masked_targets, frame_lengths, "masking_distillation_loss")
-    frame_lengths, mask = frame_lengths.to(preds[0].device), mask.to(preds[0].device)
-    B, T, D = preds[0].shape
-    if mask.shape != (B, T):
-        raise ValueError(f"masking_distillation_loss: mask {tuple(mask.shape)}, expected "
-                         f"(B, T) = ({B}, {T})")
+    _check("masking_distillation_loss", preds, clean_targets, frame_lengths)
+    _check("masking_distillation_loss", preds, masked_targets, frame_lengths, mask)
+    frame_lengths, mask = frame_lengths.to(preds[0].device), mask.to(preds[0].device).bool()
     if layer_weights is None:
         layer_weights = [0.1] * (len(preds) - 1) + [1.0]
     if len(layer_weights) != len(preds):
-        raise ValueError(f"masking_distillation_loss: {len(layer_weights)} layer weights "
-                         f"for {len(preds)} layers")
-    valid = data.valid_frames(frame_lengths, T)  # (B, T)
-    mask = mask.bool()
+        raise ValueError(f"masking_distillation_loss: {len(layer_weights)} layer weights for {len(preds)} layers")
+    valid = _valid(frame_lengths, preds[0].shape[1])  # (B, T)
     n_valid = valid.sum().clamp(min=1).float()  # N
     on_masked = (valid & mask).float()  # (B, T) valid frames the student saw masked
     on_unmasked = (valid & ~mask).float()  # (B, T) valid frames the student saw as is
@@ -176,32 +150,25 @@ def masking_distillation_loss(preds, clean_targets, masked_targets, mask, frame_
         e = (p.float() - y).pow(2).mean(dim=-1)  # (B, T) per-frame MSE over the teacher dim
         masked_part = masked_part + w * (e * on_masked).sum() / n_valid
         unmasked_part = unmasked_part + w * (e * on_unmasked).sum() / n_valid
-    total = masked_part + unmasked_part
-    return total, {"masked": masked_part.detach(), "unmasked": unmasked_part.detach()}
+    return masked_part + unmasked_part, {"masked": masked_part.detach(), "unmasked": unmasked_part.detach()}
 
 
 # -----------------------------------------------------------------------------
-# CoLLD contrastive layer-to-layer distillation (SPEC section 3)
+# CoLLD contrastive layer-to-layer distillation (arXiv 2309.07707; USAD, arXiv 2506.18843, Sec. III)
 
 
 def _sample_negatives(anchor_b, anchor_t, frame_lengths, num_frames, k, generator):
-    """
-    For each anchor (b, t) pick min(k, num_frames - 1) distinct frames of utterance b,
-    uniformly among its valid frames other than t. Returns (idx, ok), both (N, K'):
-    idx are frame indices, ok is False where the utterance had fewer than K' other valid
-    frames (those slots hold a padded/self frame and must be masked by the caller).
-
-    choice: WITHOUT replacement (a uniform random subset, as "K frames ... or all if fewer"
-    reads); wav2vec 2.0 samples with replacement. Implemented as: one uniform key per
-    (anchor, frame), non-candidates get key 2, keep the K' smallest keys.
-    subtle: num_frames is the longest valid length, not the padded T, and the keys are
-    drawn for valid frames only in a fixed order, so extra padding never changes the draw.
+    """For each anchor (b, t): min(k, num_frames - 1) distinct frames of utterance b, uniform among its
+    valid frames other than t. Returns (idx, ok), both (N, K'): frame indices, and False where the
+    utterance had fewer than K' other valid frames (the caller masks those slots).
+    choice: WITHOUT replacement (wav2vec 2.0 samples with replacement): one uniform key per
+    (anchor, frame), key 2 for non-candidates, keep the K' smallest keys.
+    subtle: num_frames is the longest valid length, not the padded T, so padding never changes the draw.
     """
     N = anchor_b.shape[0]
     k_eff = min(k, num_frames - 1)  # K'
     gen_device = generator.device if generator is not None else anchor_b.device
-    keys = torch.rand(N, num_frames, generator=generator, device=gen_device)  # (N, T')
-    keys = keys.to(anchor_b.device)
+    keys = torch.rand(N, num_frames, generator=generator, device=gen_device).to(anchor_b.device)  # (N, T')
     frames = torch.arange(num_frames, device=anchor_b.device)  # (T',)
     candidate = frames[None, :] < frame_lengths[anchor_b][:, None]  # (N, T') valid in utt b
     candidate &= frames[None, :] != anchor_t[:, None]  # (N, T') not the anchor itself
@@ -211,48 +178,38 @@ def _sample_negatives(anchor_b, anchor_t, frame_lengths, num_frames, k, generato
 
 
 def _negative_logits(z, y, anchor_b, neg_idx):
-    """cos(z_a, y[b_a, j]) for the K' drawn frames j of each anchor: (N, D), (B, T', D) -> (N, K').
-    z and y are unit vectors; y[anchor_b, neg_idx] gathers (N, K', D)."""
+    """cos(z_a, y[b_a, j]) of unit vectors for the K' drawn frames j of each anchor: (N, D), (B, T', D) -> (N, K')."""
     return torch.einsum("nd,nkd->nk", z, y[anchor_b[:, None], neg_idx])
 
 
 def colld_loss(preds, targets, mask, frame_lengths, num_negatives=100, temperature=0.1,
                include_unmasked=False, generator=None, chunk=4096):
-    """
-    CoLLD InfoNCE, per target layer l and anchor frame a = (b, t):
+    """CoLLD InfoNCE, per target layer l and anchor frame a = (b, t):
 
         s(x, y)  = cos(x, y) / tau
         L_l      = 1/|A| sum_{a in A} -log( exp s(z_a, y+_a)
                       / (exp s(z_a, y+_a) + sum_{j=1..K_a} exp s(z_a, y-_{a,j})) )
         L        = 1/|L| sum_l L_l
 
-    Sources: the CoLLD abstract (arXiv 2309.07707: masked student input, layer-to-layer,
-    contrastive); its first author's description in USAD (arXiv 2506.18843, Sec. III-A/B: every
-    teacher layer a target, the teacher's FFN features, "positive and negative samples on a
-    per-frame basis"). Choices: negatives, K, tau, anchors, cosine similarity.
-    z_a = preds[l][b, t] (the student's head for target l, in the teacher dim), y+_a =
-    targets[l][b, t] (the teacher's target at the same frame), y-_{a,j} = targets[l][b, t_j] for
-    K_a = min(K, n_b - 1) frames t_j != t drawn uniformly without replacement from the other valid
-    frames of utterance b (n_b = frame_lengths[b]), K = num_negatives, tau = temperature,
-    A = anchors = masked valid frames (mask & valid), or all valid frames when include_unmasked.
-    Logits are [positive, negatives], positive at index 0; negative slots beyond K_a get -inf.
-    parts: "nce" averaged over layers; "_acc" = fraction of anchors whose positive has the highest
-    logit (a metric, not a loss term). If there is no anchor, nce is 0 with a grad path.
-    Cost: only the N x K' drawn similarities are computed, N anchors at a time in chunks of
-    `chunk` recomputed in the backward pass (activation checkpointing), so memory stays at
-    chunk x K' x D whatever the batch; the result equals the full (T' x T') similarity matrix's.
+    Sources: the abstract (masked student input, layer-to-layer, contrastive); USAD Sec. III-A/B (every
+    teacher layer a target, the teacher's FFN features, "positive and negative samples on a per-frame
+    basis"). Choices: negatives, K, tau, anchors, cosine similarity.
+    z_a = preds[l][b, t] (the student's head for target l, in the teacher dim), y+_a = targets[l][b, t]
+    (the teacher's target at the same frame), y-_{a,j} = targets[l][b, t_j] for K_a = min(K, n_b - 1)
+    frames t_j != t drawn uniformly without replacement from the other valid frames of utterance b
+    (n_b = frame_lengths[b]), K = num_negatives, tau = temperature, A = anchors = masked valid frames
+    (mask & valid), or all valid frames when include_unmasked. Logits are [positive, negatives], the
+    positive at index 0; negative slots beyond K_a get -inf. parts: "nce" averaged over layers; "_acc" =
+    fraction of anchors whose positive has the highest logit (a metric). No anchor: nce 0 with a grad path.
+    Cost: only the N x K' drawn similarities, in chunks of `chunk` anchors recomputed in the backward
+    (checkpointing): memory chunk x K' x D; the result equals the full (T' x T') similarity matrix's.
     """
-    _check(preds, targets, frame_lengths, "colld_loss")
+    _check("colld_loss", preds, targets, frame_lengths, mask)
     frame_lengths, mask = frame_lengths.to(preds[0].device), mask.to(preds[0].device)
-    B, T, D = preds[0].shape
-    if mask.shape != (B, T):
-        raise ValueError(f"colld_loss: mask {tuple(mask.shape)}, expected (B, T) = ({B}, {T})")
-    # subtle: work on the first T' = longest valid length frames only, so that extra padding
-    # changes neither the anchors nor the random draw of negatives.
+    # subtle: only the first T' = longest valid length frames, so padding changes neither anchors nor negatives
     T_v = int(frame_lengths.max())
-    valid = data.valid_frames(frame_lengths, T_v)  # (B, T')
-    # choice: anchors are masked valid frames (the masked prediction of the abstract);
-    # include_unmasked=True makes them all valid frames
+    valid = _valid(frame_lengths, T_v)  # (B, T')
+    # choice: anchors are the masked valid frames (the abstract's masked prediction), or all valid frames
     anchors = valid if include_unmasked else valid & mask[:, :T_v].bool()  # (B, T')
     anchor_b, anchor_t = anchors.nonzero(as_tuple=True)  # (N,), (N,) row-major order
     nce_sum, acc_sum = 0.0, 0.0
@@ -261,8 +218,7 @@ def colld_loss(preds, targets, mask, frame_lengths, num_negatives=100, temperatu
             nce_sum = nce_sum + 0.0 * p.sum()  # no anchor: zero loss that keeps a grad path
             continue
         # choice: negatives are drawn independently for each layer
-        neg_idx, neg_ok = _sample_negatives(anchor_b, anchor_t, frame_lengths, T_v,
-                                            num_negatives, generator)  # (N, K'), (N, K')
+        neg_idx, neg_ok = _sample_negatives(anchor_b, anchor_t, frame_lengths, T_v, num_negatives, generator)
         with torch.autocast(device_type=p.device.type, enabled=False):  # float32 cosines
             z = F.normalize(p[anchor_b, anchor_t].float(), dim=-1, eps=1e-8)  # (N, D) the anchors
             y = F.normalize(y[:, :T_v].float(), dim=-1, eps=1e-8)  # (B, T', D) targets carry no grad
@@ -271,9 +227,7 @@ def colld_loss(preds, targets, mask, frame_lengths, num_negatives=100, temperatu
                 _negative_logits, z[s:s + chunk], y, anchor_b[s:s + chunk], neg_idx[s:s + chunk],
                 use_reentrant=False) for s in range(0, len(z), chunk)])  # (N, K')
         logits = torch.cat([pos, neg.masked_fill(~neg_ok, -math.inf)], dim=1) / temperature  # (N, 1 + K')
-        target = torch.zeros_like(anchor_b)  # (N,) the positive is class 0
-        nce_sum = nce_sum + F.cross_entropy(logits, target)  # mean over anchors
+        nce_sum = nce_sum + F.cross_entropy(logits, torch.zeros_like(anchor_b))  # mean over anchors; positive = class 0
         acc_sum = acc_sum + (logits.detach().argmax(dim=1) == 0).float().mean()
-    nce = nce_sum / len(preds)
-    parts = {"nce": nce.detach(), "_acc": torch.as_tensor(acc_sum / len(preds), dtype=torch.float32).detach()}
-    return nce, parts
+    nce, acc = nce_sum / len(preds), torch.as_tensor(acc_sum / len(preds), dtype=torch.float32)
+    return nce, {"nce": nce.detach(), "_acc": acc.detach()}

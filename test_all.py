@@ -89,9 +89,10 @@ def test_frame_count_formula_and_types():
         assert data.frame_count(n) == want, n
     t = torch.tensor(list(cases), dtype=torch.long)
     assert data.frame_count(t).tolist() == list(cases.values())
-    assert data.frame_count(np.array(list(cases))).tolist() == list(cases.values())
     with pytest.raises(TypeError):
         data.frame_count(torch.tensor([400.0]))
+    with pytest.raises(TypeError):
+        data.frame_count(400.0)
 
 
 def test_valid_frames_is_the_one_padding_mask():
@@ -186,11 +187,14 @@ def test_scan_audio_bad_directories_are_errors(tmp_path):
         data.scan_audio(only_bad, verbose=False)
 
 
-def test_print_scan_report_truncates(capsys):
-    report = [(f"/d/f{i:02d}.wav", "empty") for i in range(25)]
-    data.print_scan_report(report, "/d")
+def test_scan_report_truncates(tmp_path, capsys):
+    for i in range(25):
+        (tmp_path / f"f{i:02d}.wav").write_bytes(b"")
+    sf.write(tmp_path / "good.wav", _tone(16000, 16000), 16000)
+    data.scan_audio(tmp_path)
     out = capsys.readouterr().out
-    assert "25 bad files" in out and "/d/f19.wav" in out and "/d/f20.wav" not in out and "and 5 more" in out
+    assert "1 usable audio files, 25 bad files" in out and "f19.wav: empty" in out and "f20.wav" not in out
+    assert "and 5 more" in out
 
 
 def test_librispeech_layout_and_transcripts(tmp_path):
@@ -453,7 +457,7 @@ def test_mask_misc():
         data.compute_mask_indices(lengths, 100, 0.8, mask_type="normal")
 
 
-# ----------------------------------------------------------------------------- span masking on LibriSpeech-like batches (issue 9)
+# ----------------------------------------------------------------------------- span masking on LibriSpeech-like batches
 
 def _mask_share(batches, same_count_rows, rng):
     masked = valid = 0
@@ -497,7 +501,7 @@ def test_mask_share_matches_the_official_batches_within_005():
     whole = _mask_share(ours_b, None, rng)
     assert 0.55 < reference < 0.75
     assert abs(grouped - reference) < 0.05, (grouped, reference)
-    assert whole < grouped  # the defect this fixes: one minimum over many rows
+    assert whole < grouped  # one minimum over many rows masks less
     # every row of a group keeps the same count; groups are rows of neighbouring lengths
     m = data.compute_mask_indices(np.array([100, 300, 120, 280]), 300, 0.8, 10, "uniform", 2, True, 1,
                                   same_count_rows=2, rng=rng)
@@ -759,7 +763,7 @@ def test_model_teacher_ffn_features_match_a_hook_on_torchaudio(which, tiny_teach
     for ours, theirs, f in zip(block, ref_block, ffn):
         _mt_close(ours, theirs)
         assert not torch.allclose(ours, f, atol=1e-3)  # the FFN feature is not the block output
-    # "block" is today's target, bit for bit: the default call, and the block output of teacher_block
+    # "block" is the default target, bit for bit, and teacher_block's block output is torchaudio's
     assert all(torch.equal(a, b) for a, b in zip(block, teacher(wav, lengths)[0]))
     layer = teacher.model.encoder.transformer.layers[0]
     x = torch.randn(2, 7, teacher.dim)
@@ -945,11 +949,10 @@ def test_model_bundle_path_without_download(monkeypatch):
     assert len(layers) == 12 and layers[-1].shape == (1, 24, 768) and fl.tolist() == [24]
 
 
-def test_model_missing_kit_teacher_says_where_the_kit_comes_from():
-    with pytest.raises(ValueError, match=r"benchmark kit .* not part of a clone"):
-        model.load_teacher("../shared/bench/teacher.pt_missing")
-    with pytest.raises(ValueError, match=r"nothere\.pt: no such file"):
-        model.load_teacher("nothere.pt")
+def test_model_missing_teacher_file_says_no_such_file():
+    for path in ("nothere.pt", os.path.join("kit", "nothere")):
+        with pytest.raises(ValueError, match=re.escape(path) + ": no such file"):
+            model.load_teacher(path)
 
 
 # a fairseq checkpoint "as released": its pickle names argparse.Namespace, omegaconf-like containers and
@@ -1099,8 +1102,8 @@ def _mt_record_attention(monkeypatch):
     calls = []
     original = SelfAttention.forward
 
-    def recording(self, x, allowed, prev_attn=None, need_attn=False, cache=None, bias=None):
-        out, attn = original(self, x, allowed, prev_attn, need_attn, cache, bias)
+    def recording(self, x, allowed, prev_attn=None, need_attn=False, bias=None):
+        out, attn = original(self, x, allowed, prev_attn, need_attn, bias)
         calls.append(dict(module=self, x=x, allowed=allowed, prev=prev_attn, attn=attn, out=out))
         return out, attn
 
@@ -1317,10 +1320,12 @@ def test_model_generator_is_causal_over_slots(which, fused, tiny_teacher):
 @pytest.mark.parametrize("which", _MT_GENS)
 @pytest.mark.parametrize("fused", [True, False])
 def test_model_generator_free_running_equals_parallel_on_own_outputs(which, fused, tiny_teacher):
-    # free-running runs each step over its new slot with a key/value cache of the earlier slots;
-    # the uncached parallel pass over all slots (Generator.run) must give the same outputs
+    # free-running runs each step over its new slot with a key/value cache of the earlier slots; the plain
+    # loop (gen_cache=False) and the parallel pass over all slots (Generator.run) must give the same outputs
     cfg = replace(_mt_gen_cfgs(tiny_teacher)[which], fused_attention=fused)
     student = _mt_student(cfg)
+    plain = model.build_student(replace(cfg, gen_cache=False))[0].eval()
+    plain.load_state_dict(student.state_dict())
     wav, lengths = _mt_wav([4000, 2600], seed=21)
     with torch.no_grad():
         x0, valid, _ = student.front_end(wav, lengths)
@@ -1329,13 +1334,16 @@ def test_model_generator_free_running_equals_parallel_on_own_outputs(which, fuse
         fwd, _ = student(wav, lengths)  # no history: free-running too
         for a, b, c in zip(free, hs, fwd):
             assert torch.equal(a, b) and torch.equal(a, c)
+        loop, _ = plain(wav, lengths)
         gen = student.generator
         slots = [x0] + [gen.embed_history(p) for p in free[:-1]]
-        parallel = [gen.project(o, k) for k, o in enumerate(gen.run(slots, valid))]
+        parallel = [gen.out_proj(o) for o in gen.run(slots, valid)]
         forced, _ = student(wav, lengths, history=free[:-1])  # teacher forcing with its own outputs
-    for a, b, c in zip(free, parallel, forced):
+    assert len(free) == len(loop) == len(cfg.target_layers)
+    for a, b, c, d in zip(free, parallel, forced, loop):
         _mt_close(a, b)
         _mt_close(a, c)
+        _mt_close(a, d)
 
 
 @pytest.mark.parametrize("feed", ["teacher", "self"])
@@ -1423,13 +1431,29 @@ def test_model_parameter_counts_match_the_papers():
     # GenDistiller (2406.09444): 33 % fewer parameters than the baseline with its heads; 18 % of WavLM Base+
     assert round(n["gendistiller"] / 1e6, 2) == 17.00 and n["gendistiller"] <= 0.67 * n["distilhubert"]
     assert wavlm_gen.cfg.rel_pos_buckets == 320 and model.count_parameters(wavlm_gen) <= 0.18 * 94.70e6
-    # SPEC 2's hand-checked parts of armhubert
+    # armhubert's parts, counted by hand from its config
     arm = counts["armhubert"]
     part = lambda prefix: sum(p.numel() for name, p in arm.named_parameters() if name.startswith(prefix))  # noqa: E731
     assert round(part("front_end.conv_layers.") / 1e6, 2) == 1.87 and round(part("front_end.pos_conv.") / 1e6, 2) == 1.84
     assert round(part("heads.") / 1e6, 2) == 4.43
     assert round(part("layers.0.") / 1e6, 2) == 1.76 and round(part("layers.1.") / 1e6, 2) == 1.29
     assert arm.cfg.target_layers == tuple(range(1, 13)) and arm.cfg.teacher_dim == 768
+
+
+def test_model_student_needs_no_torchaudio():
+    # the student sections of model.py run with torch alone: a preset builds without a teacher (targets of the
+    # presets' 12-layer teacher) and runs; torchaudio and soundfile are blocked once data.py is imported
+    code = ("import sys, torch, data; sys.modules['torchaudio'] = sys.modules['soundfile'] = None; import model\n"
+            "for p in model.PRESETS:\n"
+            "    s, _ = model.build_student(p)\n"
+            "    out, fl = s(torch.randn(1, 4000), torch.tensor([4000]))\n"
+            "    print(p, type(s).__name__, len(out), tuple(out[0].shape), s.cfg.target_layers[-1])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=_MT_DIR, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(" ", 2) for line in proc.stdout.splitlines()]
+    assert [r[0] for r in rows] == list(PRESETS)
+    assert ("armhubert", "Student", "12 (1, 12, 768) 12") in {tuple(r) for r in rows}
+    assert ("gendistiller", "GenDistiller", "3 (1, 12, 768) 12") in {tuple(r) for r in rows}
 
 
 def test_model_main_prints_the_table():
@@ -1559,7 +1583,7 @@ def test_model_init_from_teacher_shape_mismatch_lists_tensors(tiny_teacher):
     assert "(50, 48)" in msg and "(96, 48)" in msg
 
 
-# ----------------------------------------------------------------------------- model.py: official-code details (issue 9), float32 norms, the layer map, older checkpoints
+# ----------------------------------------------------------------------------- official-code details, float32 norms, the layer map, checkpoints
 
 def test_model_layer_map_rounds_halves_up_and_never_hits_layer_0():
     class Teacher12:
@@ -1731,7 +1755,7 @@ def test_teacher_final_norm_matches_torchaudio_forward():
     assert distill.parse_args(["--method", "armhubert", "--data", "x", "--teacher_final_norm", "true"]).teacher_final_norm
 
 
-def test_teacher_final_norm_wavlm_and_old_checkpoints(tmp_path):
+def test_teacher_final_norm_wavlm():
     cfg = dict(_MT_WAVLM_CFG, encoder_layer_norm_first=True)
     torch.manual_seed(0)
     ta = torchaudio.models.wavlm_model(**cfg, aux_num_out=None).eval()
@@ -1744,13 +1768,6 @@ def test_teacher_final_norm_wavlm_and_old_checkpoints(tmp_path):
         out, _ = ta(wav)
         feats, _ = ta.extract_features(wav)
     assert torch.allclose(final[-1], out, atol=1e-4) and torch.allclose(plain[-1], feats[-1], atol=1e-4)
-    # a checkpoint written before the 2026-12 fields rebuilds with the behaviour it was trained with
-    old = model.config_to_dict(PRESETS["armhubert"])
-    for k in ("init", "feature_grad_mult", "layer_grad_scale", "init_conv_from_teacher", "normalize_waveform",
-              "reuse_attention_dropout"):
-        old.pop(k)
-    cfg = model.config_from_dict(old)
-    assert cfg.init == "pytorch" and cfg.reuse_attention_dropout == cfg.attention_dropout and not cfg.layer_grad_scale
 
 
 def test_copied_conv_standardises_audio_like_its_teacher(tiny_teacher):
@@ -1768,22 +1785,24 @@ def test_copied_conv_standardises_audio_like_its_teacher(tiny_teacher):
 
 
 @pytest.mark.parametrize("preset", ["distilhubert", "armhubert", "gendistiller"])
-def test_model_checkpoints_with_pre_2026_12_parameter_names_load(preset, tiny_teacher, tmp_path):
-    # before the front end, DistilHuBERT's heads and the generator were modules of their own, their
-    # parameters sat at the top level: conv_layers.*, pred_shared.*, pred_split.*, slot_emb, out_proj.*
+def test_model_student_checkpoint_round_trip_and_one_format(preset, tiny_teacher, tmp_path):
     student = _mt_student(_mt_cfg(preset, tiny_teacher))
-    old_names = {}
-    for k, v in student.state_dict().items():
-        k = k.replace("front_end.", "").replace("generator.", "")
-        old_names[k.replace("heads.shared.", "pred_shared.").replace("heads.split.", "pred_split.")] = v
-    assert any(k.startswith("conv_layers.") for k in old_names)
-    path = tmp_path / "old.pt"
-    torch.save({"config": model.config_to_dict(student.cfg), "student": old_names}, path)
+    path = tmp_path / "s.pt"
+    torch.save({"config": model.config_to_dict(student.cfg), "student": student.state_dict()}, path)
     loaded = model.load_student(str(path))
+    assert loaded.cfg == student.cfg
     wav, lengths = _mt_wav([4000, 2600], seed=3)
     with torch.no_grad():
         for a, b in zip(student.hidden_states(wav, lengths)[0], loaded.hidden_states(wav, lengths)[0]):
             assert torch.equal(a, b)
+    # a config that is not exactly StudentConfig's is refused in one line naming the file and the fields
+    for change in ({"init": None, "gen_cache": None}, {"pred_shared": 1}):
+        config = {k: v for k, v in {**model.config_to_dict(student.cfg), **change}.items() if v is not None}
+        torch.save({"config": config, "student": student.state_dict()}, path)
+        with pytest.raises(ValueError) as e:
+            model.load_student(str(path))
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg and all(k in msg for k in change), msg
 
 
 # ----------------------------------------------------------------------------
@@ -2372,12 +2391,13 @@ def test_distill_every_numeric_flag_is_checked_when_parsed(method, flag, capsys)
     assert len(err) == 1 and flag[0] in err[0] and flag[-1] in err[0], err
 
 
-def test_distill_flag_table_covers_every_numeric_flag():
-    numeric = {a.dest for a in distill.build_parser()._actions if a.type in (int, float)}
-    assert numeric <= set(distill.FLAG_RANGES), numeric - set(distill.FLAG_RANGES)
-    assert {f[0][2:] for _, f in _DT_BAD_FLAGS} >= set(distill.FLAG_RANGES)
+def test_distill_every_numeric_flag_and_student_field_has_a_range():
+    # no plain int/float: every numeric flag parses through a range-checking type, and _DT_BAD_FLAGS tries each
+    actions = [a for a in distill.build_parser()._actions if a.type is not None]
+    assert actions and not [a.dest for a in actions if a.type in (int, float)]
+    assert {f[0][2:].split("=")[0] for _, f in _DT_BAD_FLAGS} >= {a.dest for a in actions}
     fields = {f.name for f in dataclasses.fields(model.StudentConfig) if f.type in (int, float)}
-    assert fields <= set(distill.STUDENT_RANGES), fields - set(distill.STUDENT_RANGES)
+    assert fields <= set(distill.STUDENT_FIELD_TYPES), fields - set(distill.STUDENT_FIELD_TYPES)
 
 
 def test_distill_keep_never_deletes_a_later_checkpoint_of_the_folder(tmp_path):
@@ -2394,7 +2414,8 @@ def test_distill_keep_never_deletes_a_later_checkpoint_of_the_folder(tmp_path):
 def test_distill_bad_flag_exits_2_with_one_line_and_no_traceback():
     proc = subprocess.run([sys.executable, "distill.py", "--method", "armhubert", "--data", "synthetic",
                            "--save_every", "0"], cwd=_DT_DIR, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip() == "distill.py: error: --save_every 0: expected >= 1"
+    assert proc.returncode == 2 and \
+        proc.stderr.strip() == "distill.py: error: argument --save_every: expected an integer >= 1, got 0"
 
 
 def test_distill_bare_command_is_the_offline_quick_start(tmp_path, capsys):
@@ -2898,19 +2919,7 @@ def test_distill_small_first_day_frictions(tmp_path, capsys, tiny_teacher):
         two(*_mt_wav([4000, 3000], seed=45))
 
 
-def test_model_older_gendistiller_checkpoints_and_wavlm_students_export(tmp_path, tiny_teacher):
-    # a checkpoint from before the shared output projection (one Linear per generated layer) still loads
-    cfg = replace(_mt_gen_cfgs(tiny_teacher)["narrow"], gen_shared_proj=False)
-    old = _mt_student(cfg)
-    saved = model.config_to_dict(cfg)
-    del saved["gen_shared_proj"], saved["gen_history"], saved["rel_pos_buckets"], saved["rel_pos_max_distance"]
-    torch.save({"config": saved, "student": old.state_dict()}, tmp_path / "old.pt")
-    loaded = model.load_student(str(tmp_path / "old.pt"))
-    assert isinstance(loaded.generator.out_proj, torch.nn.ModuleList)
-    wav, lengths = _mt_wav([3000], seed=46)
-    with torch.no_grad():
-        for a, b in zip(loaded.hidden_states(wav, lengths)[0], old.hidden_states(wav, lengths)[0]):
-            assert torch.equal(a, b)
+def test_model_wavlm_students_are_not_exported(tmp_path):
     # a DistilHuBERT student with WavLM layers is no HubertModel: refused, not exported without its gates
     student, _ = model.build_student("distilhubert", _mt_wavlm_teacher(seed=47, encoder_num_layers=3))
     torch.save({"config": model.config_to_dict(student.cfg), "student": student.state_dict()}, tmp_path / "w.pt")
@@ -3046,6 +3055,17 @@ def test_distill_resume_refuses_a_different_run(tmp_path):
     with pytest.raises(SystemExit, match="not a distill.py training checkpoint"):
         torch.save({"x": torch.ones(1)}, os.path.join(out, "other.pt"))
         distill.main(argv + ["--resume", os.path.join(out, "other.pt")])
+    # a checkpoint of another format (a config field or a flag it lacks) is refused in one line, naming it
+    ckpt = _dt_load(os.path.join(out, "ckpt-00000003.pt"))
+    del ckpt["config"]["init"]
+    torch.save(ckpt, os.path.join(out, "no_field.pt"))
+    with pytest.raises(SystemExit, match=r"--resume .*no_field.pt: .*\binit\b"):
+        distill.main(argv + ["--max_steps", "4", "--resume", os.path.join(out, "no_field.pt")])
+    ckpt = _dt_load(os.path.join(out, "ckpt-00000003.pt"))
+    del ckpt["args"]["mask_same_rows"]
+    torch.save(ckpt, os.path.join(out, "no_flag.pt"))
+    with pytest.raises(SystemExit, match=r"--mask_same_rows \(absent\) != 18"):
+        distill.main(argv + ["--max_steps", "4", "--resume", os.path.join(out, "no_flag.pt")])
 
 
 def test_distill_undecodable_file_is_named_and_left_out(tmp_path, capsys):
@@ -3100,15 +3120,15 @@ def test_distill_mask_prob_0_is_a_plain_mse_ablation(tiny_teacher, monkeypatch):
     base = ["--teacher", "tiny", "--data", "synthetic", "--mask_prob", "0"]
     with pytest.raises(SystemExit, match="--colld_include_unmasked"):
         distill.parse_args(["--method", "colld"] + base)
-    with pytest.raises(SystemExit, match="--mask_prob -0.5"):
+    with pytest.raises(SystemExit, match=r"--mask_prob: expected a number in \[0, 1\], got -0.5"):
         distill.parse_args(["--method", "armhubert", "--teacher", "tiny", "--data", "synthetic", "--mask_prob", "-0.5"])
     args = distill.parse_args(["--method", "armhubert"] + base + _DT_SMALL)
     assert any("no masking" in a for a in args.applied)
     student, _ = distill.build_student_for(args, tiny_teacher)
     calls = []  # the mask of every transformer pass of the teacher
     real = type(tiny_teacher).encode
-    monkeypatch.setattr(type(tiny_teacher), "encode", lambda self, x, fl, mask=None, final_norm=False:
-                        calls.append(mask) or real(self, x, fl, mask, final_norm))
+    monkeypatch.setattr(type(tiny_teacher), "encode", lambda self, x, fl, mask=None, *rest:
+                        calls.append(mask) or real(self, x, fl, mask, *rest))
     wav, lengths = _dt_batch()
     loss, parts = distill.distillation_loss(args, tiny_teacher, student, wav, lengths, step=0)
     assert len(calls) == 1 and calls[0] is None  # one clean teacher pass, no masked one
@@ -3142,28 +3162,6 @@ def test_distill_fused_adamw_and_foreach_clip_equal_the_plain_loop(tiny_teacher)
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
 
 
-def test_distill_resume_reorders_adam_state_of_old_gendistiller_checkpoints(tiny_teacher):
-    # a GenDistiller checkpoint from before 2026-12 listed `slot_emb` first (it sat on the top-level
-    # module); its AdamW moments must follow each parameter by name into today's order
-    student = _mt_student(_mt_cfg("gendistiller", tiny_teacher))
-    opt = torch.optim.AdamW(distill.param_groups(student, 0.01), lr=1e-3)
-    wav, lengths = _mt_wav([4000, 2600], seed=5)
-    sum(p.pow(2).sum() for p in student(wav, lengths)[0]).backward()
-    opt.step()
-    today = opt.state_dict()
-    names = [n for n, _ in student.named_parameters()]
-    old_names = ["generator.slot_emb"] + [n for n in names if n != "generator.slot_emb"]
-    params = dict(student.named_parameters())
-    new_order, old_order = distill.optimizer_order(names, params), distill.optimizer_order(old_names, params)
-    assert new_order != old_order
-    old_state = {old_order.index(n): today["state"][i] for i, n in enumerate(new_order)}
-    fixed = distill.optimizer_state_for({**today, "state": old_state}, old_names, student)
-    for i in today["state"]:
-        for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(fixed["state"][i][k], today["state"][i][k])
-    assert distill.optimizer_state_for(today, names, student) is today  # today's order: untouched
-
-
 # ----------------------------------------------------------------------------
 # eval.py: decoding, error rates, featurizer, probe, speed
 # ----------------------------------------------------------------------------
@@ -3177,7 +3175,7 @@ SR = 16000
 # subtle: the words are short on purpose. A linear CTC head sees the same features on every
 # frame of a stationary sound, so it can only emit the phone with one probability q on all n
 # frames; for n >~ 5 the CTC likelihood has a local optimum at small q (greedy decoding then
-# outputs only blanks) that 0.2 s words (10 frames) got stuck in. For n = 3 the likelihood
+# outputs only blanks), where 0.2 s words (10 frames) get stuck. For n = 3 the likelihood
 # 3q - 4q^2 + 2q^3 rises monotonically to q = 1. Real speech is not stationary like this.
 
 WORDS = ("AH", "EE", "SS")
@@ -3313,13 +3311,11 @@ def test_lexicon_first_pronunciation_wins(tmp_path):
         ev.read_lexicon(str(bad))
 
 
-def test_char_units_and_words():
-    units = ev.text_to_units("an apple's", "char")
-    assert units == list("AN|APPLE'S")
-    assert ev.units_to_words(units) == ["AN", "APPLE'S"]
-    assert ev.units_to_words(list("|A||B|")) == ["A", "B"]
-    with pytest.raises(ValueError, match="'1'"):
-        ev.text_to_units("room 101", "char")
+def test_char_units():
+    assert ev.text_to_units("an apple's", "char") == list("AN|APPLE'S")
+    assert ev.unit_vocabulary("char")[:3] == ["<blank>", "|", "A"] and len(ev.unit_vocabulary("char")) == 29
+    with pytest.raises(ValueError, match="'1' in word 'ROOM101'"):
+        ev.text_to_units("room101", "char")
 
 
 def test_load_split_unknown_words_and_missing_audio(tmp_path):
@@ -3350,22 +3346,21 @@ def test_load_split_unknown_words_and_missing_audio(tmp_path):
 def test_upstream_specs(tmp_path):
     wav, lengths = torch.randn(2, 8000), torch.tensor([8000, 5000])
     teacher, cnn_only = ev.build_upstream("tiny")
-    layers, fl = ev.upstream_layers(teacher, cnn_only, wav, lengths)
-    assert len(layers) == 12 and fl.tolist() == [24, 15] and not any(p.requires_grad for p in teacher.parameters())
+    assert isinstance(teacher, model.Teacher) and not cnn_only and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())  # frozen
     conv, cnn_only = ev.build_upstream("cnn:tiny")
-    layers, fl = ev.upstream_layers(conv, cnn_only, wav, lengths)
-    assert cnn_only and len(layers) == 1 and layers[0].shape == (2, 24, 32)
+    assert cnn_only and conv.cnn_features(wav, lengths)[0].shape == (2, 24, 32)
     # random:PRESET:TEACHER, seeded; random:CKPT has the checkpoint's config and fresh weights
     s1, _ = ev.build_upstream("random:distilhubert:tiny", seed=1)
     s2, _ = ev.build_upstream("random:distilhubert:tiny", seed=1)
     assert all(torch.equal(a, b) for a, b in zip(s1.state_dict().values(), s2.state_dict().values()))
     ckpt = tmp_path / "student.pt"
     torch.save({"config": model.config_to_dict(s1.cfg), "student": s1.state_dict()}, ckpt)
+    weight = "front_end.feature_proj.weight"
     loaded, _ = ev.build_upstream(str(ckpt))
-    assert torch.equal(loaded.state_dict()["front_end.feature_proj.weight"], s1.state_dict()["front_end.feature_proj.weight"])
+    assert torch.equal(loaded.state_dict()[weight], s1.state_dict()[weight])
     fresh, _ = ev.build_upstream(f"random:{ckpt}", seed=7)
-    assert fresh.cfg == s1.cfg
-    assert not torch.equal(fresh.state_dict()["front_end.feature_proj.weight"], s1.state_dict()["front_end.feature_proj.weight"])
+    assert fresh.cfg == s1.cfg and not torch.equal(fresh.state_dict()[weight], s1.state_dict()[weight])
     with pytest.raises(ValueError, match="--upstream nonsense"):
         ev.build_upstream("nonsense")
 
@@ -3383,7 +3378,7 @@ def test_probe_learns_tiny_task(corpus, tmp_path):
     assert sum(saved["layer_weights"]) == pytest.approx(1.0) and len(saved["layer_weights"]) == 12
     # the untrained (zero) head emits nothing: PER exactly 100 %; the trained probe must be far below
     assert result["initial_dev_per"] == 100.0  # zero head: emits nothing, every phone deleted
-    # (12-16 % with model.py's tiny teacher at the time of writing, for seeds 0-3)
+    # (12-16 % with model.py's tiny teacher for seeds 0-3)
     assert result["test_per"] < 50 and result["dev_per"] < 50, (result["dev_per"], result["test_per"])
     assert result["seconds"] < 30
 
@@ -3420,18 +3415,14 @@ def test_eval_every_numeric_flag_is_checked_when_parsed(base, flag, capsys):
         ev.parse_args(base + flag)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{flag[0]} {flag[1]}" in err[0], err
+    assert len(err) == 1 and flag[0] in err[0] and "expected" in err[0] and f"got {flag[1]}" in err[0], err
 
 
-def test_eval_flag_tables_cover_every_numeric_flag():
-    p = ev.argparse.ArgumentParser()
-    sub = p.add_subparsers()
-    for add, ranges in ((ev.add_probe_command, ev.PROBE_RANGES), (ev.add_speed_command, ev.SPEED_RANGES)):
-        parser = add(sub) or list(sub.choices.values())[-1]
-        numeric = {a.dest for a in parser._actions if a.type in (int, float)}
-        assert numeric <= set(ranges), numeric - set(ranges)
-    tested = {(b[0], f[0][2:]) for b, f in _EV_BAD_FLAGS}
-    assert tested >= {("probe", n) for n in ev.PROBE_RANGES} | {("speed", n) for n in ev.SPEED_RANGES}
+def test_eval_every_numeric_flag_has_a_range_and_a_test():
+    commands = [a for a in ev.build_parser()._actions if a.choices][0].choices  # {"probe": parser, "speed": parser}
+    typed = {(c, a.dest): a.type for c, p in commands.items() for a in p._actions if a.type is not None}
+    assert not {k for k, t in typed.items() if t in (int, float)}  # every number has a range-checking type
+    assert {(b[0], f[0][2:]) for b, f in _EV_BAD_FLAGS} >= set(typed)
 
 
 def test_speed_prints_table(capsys, tmp_path):
@@ -3443,13 +3434,11 @@ def test_speed_prints_table(capsys, tmp_path):
     assert "| model | params (M) | ms (median) |" in text and "|---|" in text
     names = [r["model"] for r in rows]
     assert names[0].startswith("teacher tiny") and "student distilhubert forward" in names
-    assert "student maskhubert layers, no heads" in names  # torchaudio's computation, for the comparison
-    assert any(n.startswith("torchaudio wav2vec2_model") for n in names)
     assert rows[0]["x_teacher"] == 1.0 and all(r["ms"] > 0 and r["cpu_ms"] > 0 for r in rows)
     saved = json.loads(out.read_text())
     assert len(saved["rows"]) == len(rows)
     steps = [r for r in rows if r["model"].startswith("distill step distilhubert")]
-    assert [r["model"] for r in steps] == ["distill step distilhubert, teacher fp32", "distill step distilhubert, teacher auto"]
+    assert [r["model"] for r in steps] == [f"distill step distilhubert, teacher {p}" for p in ("fp32", "auto")]
     # MFU = the step's FLOPs from the MAC counts / time / the given peak; forwards have none
     assert all(0 < r["mfu"] < 1 for r in steps) and rows[0]["mfu"] is None and "MFU" in text
     # round-robin: every row has one time per round, and x_teacher is the median of per-round ratios
@@ -3457,21 +3446,5 @@ def test_speed_prints_table(capsys, tmp_path):
     for r in rows:
         ratios = [w / t for w, t in zip(saved["wall_ms"][r["model"]], saved["wall_ms"][names[0]])]
         assert abs(r["x_teacher"] - sum(ratios) / 2) < 1e-9
-    # each row's peak memory was measured alone, in a process of its own
-    assert all(r["peak_mem_mb"] > 0 for r in rows)
-
-
-def test_speed_against_another_checkout_times_both_in_the_same_rounds(capsys, tmp_path):
-    # --against DIR imports another checkout's model.py and distill.py beside ours; here the same code
-    # (a copy of this checkout), so both sets of rows exist and the per-round speed-ups are printed
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in ("data.py", "losses.py", "model.py", "distill.py"):
-        (other / f).write_text(open(os.path.join(_MT_DIR, f)).read())
-    rows = ev.main(["speed", "--teacher", "tiny", "--seconds", "0.5", "--batch", "2", "--repeats", "2", "--presets",
-                    "gendistiller", "--methods", "armhubert", "--threads", "1", "--no_memory", "--against", str(other)])
-    names = [r["model"] for r in rows]
-    assert f"distill step armhubert, teacher fp32 [{other}]" in names and f"student gendistiller forward [{other}]" in names
-    text = capsys.readouterr().out
-    assert f"Speed-up over {other}" in text and "distill step armhubert, teacher fp32: " in text
-    assert model.__file__ != str(other / "model.py") and sys.modules["model"] is model  # ours untouched
+    # on a CPU, one peak memory figure: the process's peak RSS
+    assert all(r["peak_mem_mb"] is None for r in rows) and saved["peak_rss_mb"] > 100 and "Peak RSS" in text
