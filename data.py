@@ -21,9 +21,9 @@ import signal
 from typing import NamedTuple
 
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio
+
+# soundfile and torchaudio are imported where audio is read, so the rest copies with torch and numpy alone
 
 # ----------------------------------------------------------------------------
 # 1. Conventions shared by every file: sample rate, frame count, padding (`valid_frames`, True on real
@@ -89,6 +89,9 @@ def load_audio(path):
     """Read `path` as a mono float32 waveform at 16 kHz, FloatTensor (S,): channels averaged, other rates
     resampled (torchaudio.functional.resample, its defaults). AudioError naming the file when it is
     missing, unreadable, empty or holds non-finite samples."""
+    import soundfile as sf
+    import torchaudio
+
     path = str(path)
     if not os.path.isfile(path):
         raise AudioError(f"{path}: audio file not found")
@@ -119,6 +122,8 @@ def scan_audio(root, verbose=True, max_shown=20):
     choice: lengths come from the file header, so scanning decodes nothing; a corrupt body is caught later
     by load_audio. FileNotFoundError when `root` is not a directory, ValueError when it holds no usable file.
     """
+    import soundfile as sf
+
     root = str(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"scan_audio: data directory {root!r} does not exist (or is not a directory)")
