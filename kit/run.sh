@@ -14,7 +14,7 @@ LONG="--max_steps 1200 --val_every 100 --save_every 400"
 SCRATCH="--init_conv_from_teacher=true --target_norm layer_norm --lr 2e-3"
 python distill.py --method distilhubert $KIT $LONG --out runs/k-distilhubert
 python distill.py --method armhubert $KIT $LONG --dim=144 --ffn_dim=256 $SCRATCH --out runs/bench-armhubert
-C="--method colld $KIT $LONG --dim=144 --ffn_dim=192 $SCRATCH"
+C="--method colld $KIT $LONG --keep 3 --dim=144 --ffn_dim=192 $SCRATCH"  # the README probes step 800
 python distill.py $C --target_point block --out runs/c-block
 python distill.py $C --target_point ffn --out runs/c-ffn
 python distill.py $C --target_point ffn --colld_include_unmasked --out runs/c-ffn-all
@@ -42,6 +42,9 @@ python distill.py ${A/armhubert/distilhubert} $SCRATCH --teacher_final_norm fals
 PROBE="--train bench/corpus/train --dev bench/dev --test bench/test --lexicon bench/corpus/lexicon.txt --train_limit 600 --steps 1000 --eval_every 200 --threads 1 --seed 0"
 python eval.py probe --upstream $T $PROBE --out runs/probe-teacher.json
 python eval.py probe --upstream cnn:$T $PROBE --out runs/probe-cnn.json
-for r in runs/k-* runs/bench-* runs/c-* runs/abl-*; do
+for r in runs/k-* runs/bench-* runs/abl-*; do
   python eval.py probe --upstream $(ls $r/ckpt-*.pt | tail -n 1) $PROBE --out runs/probe-$(basename $r).json
+done
+for r in runs/c-*; do  # the CoLLD ablation at step 800
+  python eval.py probe --upstream $r/ckpt-00000800.pt $PROBE --out runs/probe800-$(basename $r).json
 done
