@@ -173,7 +173,8 @@ def step_armhubert(args, teacher, student, wav, lengths, seeds):
 
 def step_colld(args, teacher, student, wav, lengths, seeds):
     """CoLLD: one span mask M; the student sees the masked input; InfoNCE between the student's heads and every
-    teacher layer's FFN feature on clean input, at the masked frames (as USAD describes it, Sec. III-A/B)."""
+    teacher layer's FFN feature on clean input (as USAD describes it, Sec. III-A/B), anchored at every valid
+    frame (choice; --colld_include_unmasked=false: at the masked frames only)."""
     mask, frames = draw_mask(args, teacher, lengths, seeds)  # (B, T) bool, (B,)
     clean, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm, point=args.target_point)
     targets = losses.teacher_targets(clean, unwrap(student).cfg.target_layers, args.target_norm)
@@ -867,6 +868,13 @@ def ranged(kind, ok, expected):
     return convert
 
 
+def true_false(text):
+    """An argparse `type=` for switches written --FLAG=true / --FLAG=false (also 1 / 0)."""
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text}")
+    return text.lower() in ("true", "1")
+
+
 def at_least(low):
     return ranged(int, lambda v: v >= low, f"an integer >= {low}")
 
@@ -960,7 +968,7 @@ def build_parser():
     g.add_argument("--target_norm", default="none", choices=["none", "layer_norm"], help="layer_norm: normalise "
                    "each target per frame, without parameters (as data2vec), for pre-LN teachers whose layers grow "
                    "with depth; none: the layers as they are (the papers)")
-    g.add_argument("--teacher_final_norm", choices=["true", "false"], help="pre-LN teachers: the last target "
+    g.add_argument("--teacher_final_norm", type=true_false, help="pre-LN teachers: the last target "
                    "includes the encoder's final LayerNorm (true: s3prl and transformers hidden_states; false: "
                    "torchaudio extract_features, the official ARMHuBERT hooks); default: true for distilhubert and "
                    "gendistiller")
@@ -974,7 +982,9 @@ def build_parser():
     g.add_argument("--layer_weight", type=non_negative, default=0.1, help="ARMHuBERT weight of layers 1..L-1")
     g.add_argument("--colld_negatives", type=at_least(1), default=100, help="CoLLD negatives per anchor (K)")
     g.add_argument("--colld_temperature", type=positive, default=0.1, help="CoLLD softmax temperature (tau)")
-    g.add_argument("--colld_include_unmasked", action="store_true", help="CoLLD: unmasked frames are anchors too")
+    g.add_argument("--colld_include_unmasked", type=true_false, nargs="?", const=True, default=True,
+                   help="CoLLD: every valid frame is an anchor (choice: the kit ablation's best row); false: the "
+                   "masked frames only")
     g.add_argument("--colld_objective", default="infonce", choices=["infonce", "l1_cosine"], help="CoLLD: InfoNCE, "
                    "or DistilHuBERT's L1-cosine on the same anchors (USAD's ablation, arXiv 2506.18843 Table VI)")
     g.add_argument("--gen_feed", default="teacher", choices=["teacher", "self"],
@@ -1007,9 +1017,7 @@ def student_overrides(items, parser):
             if key in STUDENT_FIELD_TYPES:
                 out[key] = STUDENT_FIELD_TYPES[key](value)
             elif isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError("expected true or false")
-                out[key] = value.lower() in ("true", "1")
+                out[key] = true_false(value)
             elif key == "conv_layers":
                 out[key] = model.parse_conv_layers(value)
                 if not (out[key] and all(c >= 1 and k >= 1 and s >= 1 for c, k, s in out[key])):
@@ -1054,14 +1062,13 @@ def parse_args(argv=None):
         if name not in ("student", "source") and getattr(args, name) is None:
             setattr(args, name, value)
     args.betas = tuple(args.betas)
-    args.teacher_final_norm = args.teacher_final_norm in (True, "true")
     if args.out is None:  # each method and teacher its own folder: the quick-start runs do not overwrite each other
         teacher = os.path.splitext(os.path.basename(args.teacher.rstrip("/")))[0]
         args.out = os.path.join("runs", f"{args.method}-{re.sub(r'[^A-Za-z0-9._-]', '_', teacher)}")
     if METHODS[args.method].masks_input and args.mask_prob == 0:
         if args.method == "colld" and not args.colld_include_unmasked:
-            parser.error(f"--mask_prob {args.mask_prob}: --method colld needs a share in (0, 1] (0, no masking, is "
-                         "allowed as an ablation for armhubert, and for colld with --colld_include_unmasked)")
+            parser.error(f"--mask_prob {args.mask_prob}: --method colld with --colld_include_unmasked=false needs "
+                         "a share in (0, 1]: no frame would be an anchor")
         args.applied.append("mask_prob=0: no masking (ablation, not the paper's method)")
     return args
 

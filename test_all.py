@@ -2206,7 +2206,7 @@ def _dt_message(excinfo):
 # ----------------------------------------------------------------------------- overfitting one batch
 
 @pytest.mark.parametrize("method,lr,steps", [("distilhubert", 3e-3, 80), ("gendistiller", 5e-3, 40),
-                                             ("armhubert", 3e-3, 40), ("colld", 3e-3, 90)])
+                                             ("armhubert", 3e-3, 40), ("colld", 3e-3, 130)])
 def test_distill_each_method_overfits_one_batch(method, lr, steps, tiny_teacher):
     args = distill.parse_args(["--method", method] + _DT_RUN + _dt_student_flags(method) + _DT_NO_DROPOUT)
     torch.manual_seed(0)
@@ -3115,8 +3115,15 @@ def test_recipe_weight_decay_is_s3prl_optimizers():
 
 def test_distill_mask_prob_0_is_a_plain_mse_ablation(tiny_teacher, monkeypatch):
     base = ["--teacher", "tiny", "--data", "synthetic", "--mask_prob", "0"]
-    with pytest.raises(SystemExit, match="--colld_include_unmasked"):
-        distill.parse_args(["--method", "colld"] + base)
+    with pytest.raises(SystemExit, match="--colld_include_unmasked=false needs a share"):
+        distill.parse_args(["--method", "colld", "--colld_include_unmasked=false"] + base)
+    assert distill.parse_args(["--method", "colld"] + base).colld_include_unmasked  # every frame an anchor
+    assert not distill.parse_args(["--method", "colld", "--colld_include_unmasked", "false"] + base[:4]).colld_include_unmasked
+    assert distill.parse_args(["--method", "colld", "--colld_include_unmasked"] + base[:4]).colld_include_unmasked
+    with pytest.raises(SystemExit, match="--colld_include_unmasked: expected true or false, got maybe"):
+        distill.parse_args(["--method", "colld", "--colld_include_unmasked=maybe"] + base[:4])
+    with pytest.raises(SystemExit, match="--colld_include_unmasked False belongs to --method colld"):
+        distill.parse_args(["--method", "armhubert", "--colld_include_unmasked=false"] + base[:4])
     with pytest.raises(SystemExit, match=r"--mask_prob: expected a number in \[0, 1\], got -0.5"):
         distill.parse_args(["--method", "armhubert", "--teacher", "tiny", "--data", "synthetic", "--mask_prob", "-0.5"])
     args = distill.parse_args(["--method", "armhubert"] + base + _DT_SMALL)
