@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every row of the README's kit tables, then its probe. Run from the repository root; several hours on
-# 2 CPU cores (each 1200-step line 30-50 minutes, each 300-step row 6-11). runs/ and bench/ are git-ignored.
+# Every row of the README's kit tables, then its probe. Run from the repository root; several hours on 2 CPU
+# cores (each 1200-step line 25-35 minutes two at a time, each 300-step row 6-11). runs/ and bench/ are git-ignored.
 set -euo pipefail
 # needs: apt-get install espeak-ng sox
 python3 kit/make_corpus.py bench/corpus                                # the corpus, a few minutes
@@ -14,11 +14,11 @@ LONG="--max_steps 1200 --val_every 100 --save_every 400"
 SCRATCH="--init_conv_from_teacher=true --target_norm layer_norm --lr 2e-3"
 python distill.py --method distilhubert $KIT $LONG --out runs/k-distilhubert
 python distill.py --method armhubert $KIT $LONG --dim=144 --ffn_dim=256 $SCRATCH --out runs/bench-armhubert
-C="--method colld $KIT $LONG --keep 3 --dim=144 --ffn_dim=192 $SCRATCH"  # the README probes step 800
-python distill.py $C --target_point block --out runs/c-block
-python distill.py $C --target_point ffn --out runs/c-ffn
-python distill.py $C --target_point ffn --colld_include_unmasked --out runs/c-ffn-all
-python distill.py $C --target_point ffn --colld_objective l1_cosine --out runs/c-ffn-l1cos
+C="--method colld $KIT $LONG --dim=144 --ffn_dim=192 $SCRATCH"   # the colld kit line is runs/c-ffn-all
+python distill.py $C --target_point block --colld_include_unmasked=false --out runs/c-block
+python distill.py $C --target_point ffn --colld_include_unmasked=false --out runs/c-ffn
+python distill.py $C --target_point ffn --colld_include_unmasked=true --out runs/c-ffn-all
+python distill.py $C --target_point ffn --colld_include_unmasked=false --colld_objective l1_cosine --out runs/c-ffn-l1cos
 G="--method gendistiller $KIT $LONG"
 python distill.py $G --gen_feed self --out runs/k-gen-self
 python distill.py $G --gen_feed teacher --out runs/k-gen-teacher
@@ -42,9 +42,6 @@ python distill.py ${A/armhubert/distilhubert} $SCRATCH --teacher_final_norm fals
 PROBE="--train bench/corpus/train --dev bench/dev --test bench/test --lexicon bench/corpus/lexicon.txt --train_limit 600 --steps 1000 --eval_every 200 --threads 1 --seed 0"
 python eval.py probe --upstream $T $PROBE --out runs/probe-teacher.json
 python eval.py probe --upstream cnn:$T $PROBE --out runs/probe-cnn.json
-for r in runs/k-* runs/bench-* runs/abl-*; do
+for r in runs/k-* runs/bench-* runs/c-* runs/abl-*; do
   python eval.py probe --upstream $(ls $r/ckpt-*.pt | tail -n 1) $PROBE --out runs/probe-$(basename $r).json
-done
-for r in runs/c-*; do  # the CoLLD ablation at step 800
-  python eval.py probe --upstream $r/ckpt-00000800.pt $PROBE --out runs/probe800-$(basename $r).json
 done
