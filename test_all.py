@@ -2368,7 +2368,7 @@ _DT_BAD_FLAGS = [
     ("armhubert", ["--layer_weight", "-1"]), ("armhubert", ["--last_layer_weight", "-1"]),
     ("colld", ["--colld_negatives", "0"]), ("colld", ["--colld_temperature", "0"]), ("colld", ["--colld_objective", "mse"]),
     ("distilhubert", ["--cos_weight", "-1"]), ("distilhubert", ["--teacher_final_norm", "yes"]),
-    ("colld", ["--colld_include_unmasked=maybe"]),
+    ("colld", ["--colld_include_unmasked", "maybe"]),
     # flags of another method's objective would be ignored: refused
     ("distilhubert", ["--mask_prob", "0.5"]), ("armhubert", ["--colld_negatives", "10"]),
     ("colld", ["--gen_feed", "self"]), ("gendistiller", ["--layer_weight", "0.5"]),
