@@ -1,29 +1,23 @@
 """The networks of speech SSL distillation in plain PyTorch, in reading order.
 
-  1. the student: attention-map reuse (Recycle-and-Distill / ARMHuBERT, Jang et al., arXiv 2305.11685) in a
-     wav2vec 2.0 / HuBERT encoder, the heads of DistilHuBERT (Chang et al., arXiv 2110.01900), ARMHuBERT and
-     CoLLD (Chang et al., arXiv 2309.07707), and GenDistiller's generator (Gao et al., arXiv 2310.13418, 2406.09444)
+  1. the student: a wav2vec 2.0 / HuBERT encoder with attention-map reuse (Recycle-and-Distill / ARMHuBERT,
+     arXiv 2305.11685), the heads of DistilHuBERT (arXiv 2110.01900), ARMHuBERT and CoLLD (arXiv 2309.07707),
+     and GenDistiller's generator (arXiv 2310.13418, 2406.09444); torch alone (and data.py's frame formula)
   2. building a student: the papers' presets, the teacher layer each output predicts, the builder, checkpoints
-  3. the frozen teacher (a torchaudio Wav2Vec2Model): torchaudio bundles, torchaudio-format, s3prl-converted and
-     fairseq files (as released, without fairseq), Hugging Face folders, random weights (`tiny`)
+  3. the frozen teacher (a torchaudio Wav2Vec2Model) from a bundle, a torchaudio-format, s3prl-converted or
+     fairseq file (as released, without fairseq), a Hugging Face folder, or random weights (`tiny`)
   4. initialisation from the teacher (DistilHuBERT copies its first layers)
   5. parameter and MAC counts (`python model.py`), export of a DistilHuBERT student as a HF HubertModel folder
-
-Sections 1-2 need torch alone (and data.py's frame formula); the teacher's functions import torchaudio.
+     (`python model.py export-hf CKPT FOLDER`)
 
 Conventions. Teacher layer k (k = 1..L) is the output of transformer block k: `layers[k - 1]` here, index
 k - 1 of torchaudio's extract_features, hidden_states[k] of HF / s3prl; index 0 (the transformer input) is
 never a target. Tensors are batch first, (B, T, D), and lengths travel with them: data.frame_count is the one
 frame formula, data.valid_frames (True on real frames) the one padding mask, and no padded frame influences
 a valid one (masked conv GroupNorm, masked keys, padded frames zeroed before the positional conv).
-
-Example:
-    python model.py            # one row per preset: parameters, paper figure, MACs
-    python model.py export-hf runs/distilhubert-hubert_base/ckpt-00200000.pt distilhubert-hf/
 """
 import ast
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -33,7 +27,7 @@ import struct
 import sys
 import types
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import List, Tuple
 
 import torch
@@ -55,9 +49,8 @@ import data
 #
 # WavLM layers (Chen et al., arXiv 2110.13900), used when a student copies a WavLM teacher's layers:
 #   A = softmax(q k^T / sqrt(d_h) + g(x) * r(t' - t)), per head; r: one learned value per head and bucket of
-#   the offset t' - t (the first layer's, handed to every layer), buckets exact for small offsets, then
-#   log-spaced up to max_distance; g(x) = a (b c - 1) + 2, (a, b) = sigmoid of sums of W_g x_h (x_h: the
-#   input's head slice), c a learned constant per head: each layer gates the shared bias by its own input.
+#   the offset t' - t (the first layer's, shared by every layer, relative_bias); g(x): each layer's gate of
+#   that shared bias, computed from its own input (gated_bias).
 # ----------------------------------------------------------------------------
 
 # ARMHuBERT's conv (official code): narrower; the 1x1 convs only change channel counts, so stride (320
@@ -97,7 +90,7 @@ class StudentConfig:
     rel_pos_buckets: int = 0  # WavLM's relative position buckets (0: HuBERT layers; WavLM: 320)
     rel_pos_max_distance: int = 800  # frames, the distance of WavLM's last bucket
     fused_attention: bool = True  # scaled_dot_product_attention where no map is needed; False = explicit path
-    official_reuse: bool = False  # softmax again on the reused map, as the official code (to load its checkpoints)
+    official_reuse: bool = False  # softmax again on the reused map, as the official ARMHuBERT code
     head: str = "per_layer"  # "distilhubert" (shared + split heads), "per_layer" (one Linear per layer), "generator"
     # GenDistiller: the earlier slots a slot attends to: "all" (2310.13418's two-dimensional attention, causal
     # over layers) or "previous" (2406.09444: "takes the previous hidden layer as history"; per block)
@@ -106,12 +99,9 @@ class StudentConfig:
     teacher_dim: int = 768
     target_layers: Tuple[int, ...] = ()  # teacher layer (1-based) predicted by each output (fit_to_teacher)
     head_layers: Tuple[int, ...] = ()  # per_layer: the student layer each head reads; () = head i on layer i
-    # per_layer: predict every teacher layer (CoLLD as its first author describes it: USAD, arXiv 2506.18843,
-    # Sec. III-A), not one per student layer (target_layers_for)
-    every_teacher_layer: bool = False
+    every_teacher_layer: bool = False  # per_layer: predict every teacher layer (CoLLD as USAD, 2506.18843, III-A)
     init_from_teacher: bool = False  # copy conv, projection, pos conv and the first layers from the teacher
-    # copy only the teacher's conv and its LayerNorm, the student keeps its width (a recipe, not in the papers)
-    init_conv_from_teacher: bool = False
+    init_conv_from_teacher: bool = False  # copy only the teacher's conv and its LayerNorm (a recipe, not the papers')
     normalize_waveform: bool = False  # standardise each utterance (a copied conv of a Large / XLS-R teacher)
 
 
@@ -130,15 +120,12 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention; a reuse layer (ARMHuBERT) has no query/key projections.
 
     forward(x, allowed, prev_attn=None, need_attn=False, bias=None) -> (out (B, T, D), attn or None)
-      allowed: bool, broadcastable to (B, H, T, T'), True where query t may look at key t'; prev_attn
-      (B, H, T, T): the previous layer's probabilities (reuse layers); attn is returned when `need_attn`
-      (the next layer reuses it); bias: WavLM's shared r (WavLM layers).
-    """
+      allowed: bool, broadcastable to (B, H, T, T'), True where query t may look at key t'; prev_attn: the
+      previous layer's map (reuse layers); attn is returned when `need_attn`; bias: WavLM's shared r."""
 
     def __init__(self, dim, num_heads, dropout, reuse=False, fused=True, official_reuse=False,
                  rel_pos_buckets=0, rel_pos_max_distance=800, first=False):
         super().__init__()
-        assert dim % num_heads == 0, f"dim {dim} is not divisible by num_heads {num_heads}"
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.reuse, self.fused, self.official_reuse = reuse, fused, official_reuse
         self.dropout = dropout
@@ -212,7 +199,8 @@ class SelfAttention(nn.Module):
         return self.rel_attn_embed(bucket).permute(2, 0, 1)  # (H, Tq, Tk)
 
     def gated_bias(self, x, bias):
-        """g(x) * r: (B, H, T, Tk) for this layer's input x (B, T, D) and the shared r (H, T, Tk)."""
+        """g(x) * r: (B, H, T, Tk) for this layer's input x (B, T, D) and the shared r (H, T, Tk);
+        g(x) = a (b c - 1) + 2, (a, b) = sigmoid of sums of W_g x_h (x_h: x's head slice), c: per head."""
         B, T, _ = x.shape
         H = self.num_heads
         g = self.gru_rel_pos_linear(x.view(B, T, H, self.head_dim))  # (B, T, H, 8)
@@ -231,11 +219,12 @@ class TransformerLayer(nn.Module):
     """A wav2vec 2.0 / HuBERT encoder block, post-LN (Base) or pre-LN (Large). `attention`, when given,
     stands in for self.attention (same arguments and result): the generator's cached attention."""
 
-    def __init__(self, cfg, attention_dropout, reuse=False, official_reuse=False, first=False):
+    def __init__(self, cfg, reuse=False, first=False):
         super().__init__()
         self.layer_norm_first = cfg.layer_norm_first
+        attention_dropout = cfg.reuse_attention_dropout if reuse else cfg.attention_dropout
         self.attention = SelfAttention(cfg.dim, cfg.num_heads, attention_dropout, reuse, cfg.fused_attention,
-                                       official_reuse, cfg.rel_pos_buckets, cfg.rel_pos_max_distance, first)
+                                       cfg.official_reuse, cfg.rel_pos_buckets, cfg.rel_pos_max_distance, first)
         self.layer_norm = nn.LayerNorm(cfg.dim)  # after attention (post-LN) / before it (pre-LN)
         self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim)
@@ -320,10 +309,7 @@ class ConvBlock(nn.Module):
 # returns wrong values (errors ~100 %) for some groups of fewer than 16 channels (torch 2.11).
 class FrontEnd(nn.Module):
     """wav -> X0, the transformer input: conv stack, feature LayerNorm (+ projection), input dropout, mask
-    embedding, convolutional positional embedding. Shared by Student and GenDistiller.
-
-    forward(wav, lengths, mask=None) -> (x0 (B, T, D), valid (B, T) bool, frame_lengths (B,))
-    """
+    embedding, convolutional positional embedding. forward -> (x0 (B, T, D), valid (B, T) bool, frame_lengths)."""
 
     def __init__(self, cfg: StudentConfig):
         super().__init__()
@@ -331,24 +317,18 @@ class FrontEnd(nn.Module):
         D = cfg.dim
         if cfg.conv_norm not in ("group_norm", "layer_norm"):
             raise ValueError(f"conv_norm={cfg.conv_norm!r}: expected 'group_norm' or 'layer_norm'")
-        blocks, c_in = [], 1
+        self.conv_layers, c_in = nn.ModuleList(), 1
         for i, (c, k, s) in enumerate(cfg.conv_layers):
             if cfg.conv_norm == "layer_norm":
                 norm = nn.LayerNorm(c)
             else:  # "group_norm": fairseq's GroupNorm(C, C) after the first conv only
                 norm = nn.GroupNorm(c, c) if i == 0 else None
-            blocks.append(ConvBlock(c_in, c, k, s, cfg.conv_bias, norm))
+            self.conv_layers.append(ConvBlock(c_in, c, k, s, cfg.conv_bias, norm))
             c_in = c
-        self.conv_layers = nn.ModuleList(blocks)
-        C = c_in
-        if cfg.feature_projection:  # choice: a LayerNorm before the projection, as HuBERT (s3prl's has none)
-            self.feature_norm = nn.LayerNorm(C)
-            self.feature_proj = nn.Linear(C, D)
-        else:
-            if C != D:
-                raise ValueError(f"feature_projection=False needs the last conv to have dim={D} channels, got {C}")
-            self.feature_norm = nn.LayerNorm(D)
-            self.feature_proj = None
+        if not cfg.feature_projection and c_in != D:
+            raise ValueError(f"feature_projection=False needs the last conv to have dim={D} channels, got {c_in}")
+        self.feature_norm = nn.LayerNorm(c_in)  # choice: also before a projection, as HuBERT (s3prl's has none)
+        self.feature_proj = nn.Linear(c_in, D) if cfg.feature_projection else None
         self.mask_emb = nn.Parameter(torch.empty(D).uniform_()) if cfg.mask_embedding else None
         # convolutional positional embedding, weight norm over the kernel axis (as fairseq)
         pos_conv = nn.Conv1d(D, D, cfg.pos_conv_kernel, padding=cfg.pos_conv_kernel // 2, groups=cfg.pos_conv_groups)
@@ -410,24 +390,19 @@ def layer_grad_scales(num_layers):
     return [(num_layers - i) / (num_layers + 1 - i) for i in range(num_layers)]
 
 
-def init_bert_params(module):
-    """fairseq's init_bert_params: every Linear weight N(0, 0.02), zero bias."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 def init_weights(cfg, front_end, layers):
-    """init "bert" (fairseq, official ARMHuBERT, s3prl), once the network exists: init_bert_params on the
-    transformer `layers` only, kaiming-normal conv kernels; the projection and heads keep PyTorch's defaults,
-    the positional conv, mask and slot embeddings their own. "pytorch": nn defaults everywhere."""
+    """init "bert" (fairseq, official ARMHuBERT, s3prl), once the network exists: fairseq's init_bert_params
+    on the transformer `layers` only (every Linear N(0, 0.02), zero bias), kaiming-normal conv kernels; the
+    projection and heads keep PyTorch's defaults, the positional conv, mask and slot embeddings their own.
+    "pytorch": nn defaults everywhere."""
+    if cfg.init not in ("bert", "pytorch"):
+        raise ValueError(f"init={cfg.init!r}: expected 'bert' or 'pytorch'")
     if cfg.init == "bert":
-        layers.apply(init_bert_params)
+        for linear in [m for m in layers.modules() if isinstance(m, nn.Linear)]:
+            nn.init.normal_(linear.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(linear.bias)
         for block in front_end.conv_layers:  # fairseq ConvFeatureExtractionModel
             nn.init.kaiming_normal_(block.conv.weight)
-    elif cfg.init != "pytorch":
-        raise ValueError(f"init={cfg.init!r}: expected 'bert' or 'pytorch'")
 
 
 # --- heads
@@ -450,10 +425,6 @@ class DistilHuBERTHeads(nn.Module):
         shared = F.gelu(self.shared(hiddens[-1])).view(B, T, len(self.split), -1)  # (B, T, K, Dt)
         return [split(shared[:, :, j]) for j, split in enumerate(self.split)]
 
-    def deployed(self, x0, hiddens):
-        """What the distilled model serves: no heads; [X0, layer 1, ..., layer N]."""
-        return [x0] + hiddens
-
 
 class PerLayerHeads(nn.ModuleList):
     """One Linear(D -> Dt) per target (ARMHuBERT, MaskHuBERT, CoLLD), head j reading student layer
@@ -469,10 +440,6 @@ class PerLayerHeads(nn.ModuleList):
 
     def forward(self, hiddens):
         return [head(hiddens[i - 1]) for head, i in zip(self, self.head_layers)]
-
-    def deployed(self, x0, hiddens):
-        """ARMHuBERT's SUPERB upstream returns the projected layers, one output per head."""
-        return self(hiddens)
 
 
 def reuse_pattern(cfg):
@@ -490,30 +457,24 @@ class Student(nn.Module):
 
     forward(wav, lengths, mask=None) -> (preds, frame_lengths): preds[j] (B, T, teacher_dim) predicts teacher
       layer cfg.target_layers[j]; mask (B, T) bool: frames replaced by the mask embedding (ARMHuBERT, CoLLD).
-    hidden_states(wav, lengths) -> (list of (B, T, D') tensors, frame_lengths), for SUPERB-style probes:
-      distilhubert: [transformer input, layer 1, ..., layer N]; per_layer: the heads' outputs.
-    """
+    hidden_states(wav, lengths) -> (what the distilled model serves, frame_lengths), for SUPERB-style probes."""
 
     layers_key = "layers."  # where the transformer layers sit in the state dict (init_from_teacher)
 
     def __init__(self, cfg: StudentConfig):
         super().__init__()
-        if cfg.head == "generator":
-            raise ValueError("head='generator' is GenDistiller: build it with GenDistiller(cfg) or model.build_student")
+        if cfg.head not in ("distilhubert", "per_layer"):
+            raise ValueError(f"head={cfg.head!r}: expected 'distilhubert' or 'per_layer' (a Student) or 'generator' "
+                             "(a GenDistiller; model.build_student builds either)")
         self.cfg = cfg
         self.front_end = FrontEnd(cfg)
         self.reuses = reuse_pattern(cfg)
-        self.layers = nn.ModuleList(
-            TransformerLayer(cfg, cfg.reuse_attention_dropout if r else cfg.attention_dropout, r, cfg.official_reuse,
-                             first=i == 0)
-            for i, r in enumerate(self.reuses))
+        self.layers = nn.ModuleList(TransformerLayer(cfg, r, first=i == 0) for i, r in enumerate(self.reuses))
         if cfg.head == "distilhubert":
             self.heads = DistilHuBERTHeads(cfg.dim, cfg.teacher_dim, len(cfg.target_layers))
-        elif cfg.head == "per_layer":
+        else:
             self.heads = PerLayerHeads(cfg.dim, cfg.teacher_dim, cfg.head_layers or range(1, cfg.num_layers + 1),
                                        len(cfg.target_layers))
-        else:
-            raise ValueError(f"head={cfg.head!r}: expected 'distilhubert', 'per_layer' or 'generator'")
         init_weights(cfg, self.front_end, self.layers)
 
     def cnn_features(self, wav, lengths):
@@ -541,8 +502,11 @@ class Student(nn.Module):
         return self.heads(self.encode(x, valid)), frame_lengths
 
     def hidden_states(self, wav, lengths):
+        """DistilHuBERT: no heads, [X0, layer 1, ..., layer N]; per_layer heads: the projected layers, one
+        output per head (ARMHuBERT's SUPERB upstream)."""
         x, valid, frame_lengths = self.front_end(wav, lengths)
-        return self.heads.deployed(x, self.encode(x, valid)), frame_lengths
+        hiddens = self.encode(x, valid)
+        return ([x] + hiddens if self.cfg.head == "distilhubert" else self.heads(hiddens)), frame_lengths
 
 
 # --- GenDistiller (2310.13418, 2406.09444; what the papers fix and what is ours: README)
@@ -558,11 +522,9 @@ class Student(nn.Module):
 class Generator(nn.Module):
     """GenDistiller's generator over K slots x T frames (the rule above).
 
-    forward(x0, valid, history=None) -> K predictions (B, T, Dt)
-      x0 (B, T, D) the front end output, valid (B, T) bool; history: the K-1 teacher layers (B, T, Dt) for
-      teacher forcing (one parallel pass); None: free-running, with a key/value cache (cfg.gen_cache) or the
-      plain loop.
-    """
+    forward(x0 (B, T, D), valid (B, T), history=None) -> K predictions (B, T, Dt); history: the K-1 teacher
+      layers for teacher forcing (one parallel pass); None: free-running, with a key/value cache (cfg.gen_cache)
+      or the plain loop."""
 
     def __init__(self, cfg: StudentConfig):
         super().__init__()
@@ -573,8 +535,7 @@ class Generator(nn.Module):
             raise ValueError(f"gen_history={cfg.gen_history!r}: expected 'all' or 'previous'")
         self.cfg = cfg
         D, Dt, K = cfg.dim, cfg.teacher_dim, len(cfg.target_layers)
-        self.layers = nn.ModuleList(TransformerLayer(cfg, cfg.attention_dropout, first=i == 0)
-                                    for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(cfg, first=i == 0) for i in range(cfg.num_layers))
         self.slot_emb = nn.Parameter(torch.randn(K, D) * 0.02)  # learned embedding of slot 0..K-1
         self.history_proj = nn.Linear(Dt, D) if Dt != D else None  # choice: only where the widths differ
         self.out_proj = nn.Linear(D, Dt)
@@ -646,12 +607,9 @@ class Generator(nn.Module):
 
 
 class GenDistiller(nn.Module):
-    """GenDistiller: the student front end (DistilHuBERT's, choice) and the generator.
-
-    forward(wav, lengths, history=None) -> (preds, frame_lengths), preds[k] (B, T, Dt) predicts teacher layer
-      cfg.target_layers[k]; history: the K-1 teacher layers (teacher forcing), None = free-running.
-    hidden_states(wav, lengths) -> the K generated teacher layers, free-running (no teacher needed).
-    """
+    """GenDistiller: the student front end (DistilHuBERT's, choice) and the generator. forward(wav, lengths,
+    history=None) -> (preds, frame_lengths), preds[k] (B, T, Dt) predicting teacher layer cfg.target_layers[k];
+    hidden_states: the same, free-running (no teacher needed)."""
 
     layers_key = "generator.layers."  # where the transformer layers sit in the state dict (init_from_teacher)
 
@@ -722,8 +680,7 @@ PAPER_PARAMS = {"distilhubert": (23.49, "without prediction heads"), "armhubert"
 
 
 def target_layers_for(cfg: StudentConfig, num_teacher_layers):
-    """(target_layers, head_layers) of the student `cfg` by the rule above: the teacher layer (1-based) each
-    output targets, and for per_layer heads the student layer each head reads."""
+    """(target_layers, head_layers) by the rule above; head_layers: the student layer each per_layer head reads."""
     L_t, L_s = num_teacher_layers, cfg.num_layers
     if cfg.head == "per_layer":
         phi = [0] + [max(1, math.floor(i * L_t / L_s + 0.5)) for i in range(1, L_s + 1)]
@@ -741,11 +698,9 @@ def target_layers_for(cfg: StudentConfig, num_teacher_layers):
 
 
 def fit_to_teacher(cfg, teacher):
-    """Adapt a config to a teacher (a Teacher, or anything with its `config`, `dim`, `num_layers` and
-    `normalize_waveform`, such as bundle_description). Returns (new config, 'field: old -> new' notes).
-    teacher_dim always follows the teacher, target_layers follow target_layers_for; init_from_teacher takes
-    the whole copied geometry (DistilHuBERT's student IS the teacher's front end and first layers: conv, width,
-    FFN, heads, positional conv, layer order, WavLM layers); init_conv_from_teacher only the conv stack."""
+    """(cfg fitted to `teacher`, 'field: old -> new' notes); teacher: a Teacher or a bundle_description.
+    init_from_teacher takes the whole copied geometry (DistilHuBERT's student IS the teacher's front end and
+    first layers), init_conv_from_teacher the conv stack only."""
     c = teacher.config
     target_layers, head_layers = target_layers_for(cfg, teacher.num_layers)
     new = dict(teacher_dim=teacher.dim, target_layers=target_layers, head_layers=head_layers)
@@ -766,11 +721,9 @@ def fit_to_teacher(cfg, teacher):
 
 
 def build_student(preset_or_cfg, teacher=None, overrides=None, copy_weights=True):
-    """The one way a student is made: a PRESETS name or a StudentConfig, the user's {field: value} overrides
-    (they win over fitting), fitted to `teacher` (a Teacher or a description, see fit_to_teacher; without
-    one, targets are set for the presets' 12-layer teacher). copy_weights: copy the teacher parts the config
-    asks for when the teacher has weights (False: the random-weight floor).
-    Returns (Student or GenDistiller, notes on what was changed and why)."""
+    """(Student or GenDistiller, notes on what was changed and why) from a PRESETS name or a StudentConfig and
+    {field: value} overrides (they win over fitting), fitted to `teacher` (without one, to the presets' 12-layer
+    teacher); copy_weights=False leaves out the teacher's weights (the random-weight floor)."""
     if isinstance(preset_or_cfg, str):
         if preset_or_cfg not in PRESETS:
             raise ValueError(f"unknown student preset {preset_or_cfg!r}; choose from {', '.join(PRESETS)}")
@@ -811,7 +764,7 @@ def config_to_dict(cfg):
 def config_from_dict(d, source="checkpoint"):
     """StudentConfig from config_to_dict's form; a config whose fields are not exactly StudentConfig's is
     refused, naming `source` (the file) and the missing and unknown fields."""
-    names = [f.name for f in dataclasses.fields(StudentConfig)]
+    names = [f.name for f in fields(StudentConfig)]
     missing, unknown = [k for k in names if k not in d], [k for k in d if k not in names]
     if missing or unknown:
         raise ValueError(f"{source}: its student config does not fit this model.py (missing fields: "
@@ -844,13 +797,10 @@ def load_student(path, device="cpu"):
 # so the `tiny` teacher of the tests takes the same path as a real checkpoint.
 # ----------------------------------------------------------------------------
 
-BUNDLES = {  # torchaudio pipeline bundles usable as teachers
-    "hubert_base": "HUBERT_BASE", "hubert_large": "HUBERT_LARGE", "hubert_xlarge": "HUBERT_XLARGE",
-    "wavlm_base": "WAVLM_BASE", "wavlm_base_plus": "WAVLM_BASE_PLUS", "wavlm_large": "WAVLM_LARGE",
-    "wav2vec2_base": "WAV2VEC2_BASE", "wav2vec2_large": "WAV2VEC2_LARGE",
-    "wav2vec2_large_lv60k": "WAV2VEC2_LARGE_LV60K", "xlsr53": "WAV2VEC2_XLSR53", "xlsr_300m": "WAV2VEC2_XLSR_300M",
-    "xlsr_1b": "WAV2VEC2_XLSR_1B", "xlsr_2b": "WAV2VEC2_XLSR_2B",
-}
+BUNDLES = {  # torchaudio pipeline bundles usable as teachers: name -> torchaudio.pipelines attribute
+    name: ("WAV2VEC2_" if name.startswith("xlsr") else "") + name.upper() for name in (
+        "hubert_base", "hubert_large", "hubert_xlarge", "wavlm_base", "wavlm_base_plus", "wavlm_large",
+        "wav2vec2_base", "wav2vec2_large", "wav2vec2_large_lv60k", "xlsr53", "xlsr_300m", "xlsr_1b", "xlsr_2b")}
 # A frozen teacher runs in eval mode: converted configs have no dropout and no CTC head.
 EVAL_ONLY = dict(encoder_projection_dropout=0.0, encoder_attention_dropout=0.0, encoder_ff_interm_dropout=0.0,
                  encoder_dropout=0.0, encoder_layer_drop=0.0, aux_num_out=None)
@@ -868,27 +818,21 @@ TINY_TEACHER_CONFIG = dict(
 
 
 class Teacher(nn.Module):
-    """A frozen torchaudio Wav2Vec2Model (HuBERT, WavLM, wav2vec 2.0) returning every layer.
+    """A frozen torchaudio Wav2Vec2Model (HuBERT, WavLM, wav2vec 2.0) returning every layer: always eval mode,
+    no grad, no layerdrop. `exact` (--teacher_precision fp32): float32 even inside an autocast region; False
+    (--teacher_precision auto): the caller's autocast, as the student.
 
     teacher(wav, lengths, mask=None, final_norm=False, point="block") -> (layers, frame_lengths)
-      = teacher.encode(*teacher.features(wav, lengths), mask, final_norm, point); wav (B, S), lengths (B,);
-      mask (B, T) bool: frames replaced by the mask embedding after the feature projection (fairseq HuBERT's
-      order); layers[k-1] (B, T, D) = output of block k; final_norm: a pre-LN teacher's last layer goes
-      through the encoder's final LayerNorm.
-    Always eval mode, no grad, no layerdrop. `exact` (--teacher_precision fp32): float32 even inside an
-    autocast region; False (--teacher_precision auto): the caller's autocast, as the student.
-    """
+      = teacher.encode(*teacher.features(wav, lengths), mask, final_norm, point)"""
 
     def __init__(self, model, config, mask_emb=None, normalize_waveform=False, name="teacher"):
         super().__init__()
         self.model = model
         self.config = dict(config)
-        self.name = name
         self.is_wavlm = "encoder_num_buckets" in config
         self.normalize_waveform = normalize_waveform
         self.conv_layers = [tuple(c) for c in config["extractor_conv_layer_config"]]
-        self.dim = config["encoder_embed_dim"]
-        self.num_layers = config["encoder_num_layers"]
+        self.dim, self.num_layers = config["encoder_embed_dim"], config["encoder_num_layers"]
         if mask_emb is None:  # choice: zeros, and say so
             warnings.warn(f"teacher {name!r} has no mask embedding (torchaudio bundles drop it, and this "
                           "checkpoint has no 'mask_emb'): masked frames get a zero vector")
@@ -929,8 +873,10 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def encode(self, x, frame_lengths, mask=None, final_norm=False, point="block"):
-        """The transformer on features x (B, T, D): mask embedding, positional conv, the L blocks.
-        point "block": each block's output; "ffn": each block's FFN feature (teacher_block)."""
+        """The transformer on features x (B, T, D): mask (B, T) bool, frames replaced by the mask embedding
+        after the feature projection (fairseq HuBERT's order); then the positional conv and the L blocks.
+        layers[k-1] (B, T, D) = output of block k (point "block") or its FFN feature ("ffn", teacher_block);
+        final_norm: a pre-LN teacher's last layer goes through the encoder's final LayerNorm."""
         if point not in ("block", "ffn"):
             raise ValueError(f"point={point!r}: expected 'block' or 'ffn'")
         with self.precision(x.device.type):
@@ -948,13 +894,12 @@ class Teacher(nn.Module):
             else:  # (B, 1, T, T)
                 kw = dict(attention_mask=(-10000.0 * pad[:, None, None, :].to(x.dtype)).expand(-1, 1, x.shape[1], -1))
             layers, position_bias = [], None
-            for layer in encoder.transformer.layers:
+            for layer in encoder.transformer.layers:  # layer(...): compiled by distill.py --compile
                 if point == "ffn":
                     x, ffn, position_bias = teacher_block(layer, x, position_bias=position_bias, **kw)
-                    layers.append(ffn)  # the FFN feature of block k
                 else:
                     x, position_bias = layer(x, position_bias=position_bias, **kw)
-                    layers.append(x)  # layers[k-1] = output of block k
+                layers.append(ffn if point == "ffn" else x)
             if final_norm and point == "block" and self.config["encoder_layer_norm_first"]:
                 # pre-LN models' last LayerNorm (s3prl's hidden_states[L] and transformers 4 include it,
                 # transformers 5 only last_hidden_state; extract_features and the official ARMHuBERT hooks not)
@@ -1015,10 +960,7 @@ def load_teacher(name_or_path, device="cpu"):
     if name_or_path == "tiny":
         ckpt = random_teacher_checkpoint("tiny", seed=0)
     elif name_or_path.lower() in BUNDLES:
-        import torchaudio
-
-        config, normalize = bundle_config(name_or_path)
-        bundle = getattr(torchaudio.pipelines, BUNDLES[name_or_path.lower()])
+        config, normalize, bundle = bundle_config(name_or_path)
         try:  # the weights download from torchaudio's server on first use (cached by torch.hub)
             state = bundle._get_state_dict(None)
         except OSError as e:  # no network, a proxy, a full disk
@@ -1029,16 +971,15 @@ def load_teacher(name_or_path, device="cpu"):
         ckpt = hf_to_torchaudio(name_or_path)
     elif os.path.isfile(name_or_path):
         raw = read_checkpoint(name_or_path)
-        keys = list(raw)[:10] if isinstance(raw, dict) else type(raw).__name__
-        raw = raw if isinstance(raw, dict) else {}
+        raw, keys = (raw, list(raw)[:10]) if isinstance(raw, dict) else ({}, type(raw).__name__)
+        cfg = raw.get("cfg")
         if "config" in raw and "state_dict" in raw:  # torchaudio format
             ckpt = raw
         elif "model_weight" in raw and "model_cfg" in raw:  # s3prl-converted
             ckpt = fairseq_to_torchaudio(raw["model_weight"], raw["model_cfg"], raw.get("task_cfg"))
-        elif "model" in raw and raw.get("cfg"):  # fairseq (hydra) / WavLM's own
-            ckpt = fairseq_to_torchaudio(raw["model"], raw["cfg"].get("model", raw["cfg"]), raw["cfg"].get("task"))
-        elif "model" in raw and raw.get("args"):  # fairseq with an argparse namespace
-            ckpt = fairseq_to_torchaudio(raw["model"], raw["args"], raw["args"])
+        elif "model" in raw and (cfg or raw.get("args")):  # fairseq: hydra cfg (WavLM's own: the model's) or args
+            model_cfg, task_cfg = (cfg.get("model", cfg), cfg.get("task")) if cfg else (raw["args"], raw["args"])
+            ckpt = fairseq_to_torchaudio(raw["model"], model_cfg, task_cfg)
         else:
             raise ValueError(f"--teacher {name_or_path}: unknown checkpoint format (top-level keys {keys}); "
                              "expected {'config','state_dict'} (torchaudio), {'model_cfg','model_weight'} "
@@ -1052,19 +993,19 @@ def load_teacher(name_or_path, device="cpu"):
 
 
 def bundle_config(name):
-    """(torchaudio model kwargs, normalize_waveform) of a bundle in BUNDLES; nothing is downloaded."""
+    """(torchaudio model kwargs, normalize_waveform, the pipeline) of a bundle in BUNDLES; nothing is downloaded."""
     import torchaudio
 
     bundle = getattr(torchaudio.pipelines, BUNDLES[name.lower()])
     config = dict(bundle._params)
     if bundle._model_type == "WavLM":  # the kwargs of wavlm_model: marked by encoder_num_buckets
         config.setdefault("encoder_num_buckets", 320)
-    return config, bundle._normalize_waveform
+    return config, bundle._normalize_waveform, bundle
 
 
 def bundle_description(name):
     """What fit_to_teacher reads of a teacher, for a bundle, without building it."""
-    config, normalize = bundle_config(name)
+    config, normalize, _ = bundle_config(name)
     return types.SimpleNamespace(config=config, dim=config["encoder_embed_dim"],
                                  num_layers=config["encoder_num_layers"], normalize_waveform=normalize)
 
@@ -1072,17 +1013,16 @@ def bundle_description(name):
 def random_teacher_checkpoint(name="tiny", seed=0):
     """A seeded random teacher as a torchaudio-format dict: `tiny`, or a bundle's geometry (no download)."""
     if name == "tiny":
-        config = TINY_TEACHER_CONFIG
+        config, normalize = TINY_TEACHER_CONFIG, True
     elif name.lower() in BUNDLES:
-        config, _ = bundle_config(name)
+        config, normalize, _ = bundle_config(name)
     else:
         raise ValueError(f"random:{name}: not a teacher bundle name ({', '.join(BUNDLES)}) nor 'tiny'")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = torchaudio_model(config)
         mask_emb = torch.rand(config["encoder_embed_dim"])  # fairseq inits mask_emb uniform
-    return {"config": config, "state_dict": model.state_dict(), "mask_emb": mask_emb,
-            "normalize_waveform": name == "tiny" or (name.lower() in BUNDLES and bundle_config(name)[1])}
+    return {"config": config, "state_dict": model.state_dict(), "mask_emb": mask_emb, "normalize_waveform": normalize}
 
 
 def random_teacher(name="tiny", seed=0):
@@ -1123,19 +1063,16 @@ def parse_conv_layers(spec):
         return [tuple(c) for c in spec]
 
     def ev(node):
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
         if isinstance(node, (ast.List, ast.Tuple)):
-            items = [ev(e) for e in node.elts]
-            return items if isinstance(node, ast.List) else tuple(items)
+            return [ev(e) for e in node.elts]
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             a, b = ev(node.left), ev(node.right)
             return a + b if isinstance(node.op, ast.Add) else a * b
         raise ValueError(f"conv_feature_layers: unsupported expression {ast.dump(node)} in {spec!r}")
 
-    return [tuple(c) for c in ev(ast.parse(spec, mode="eval"))]
+    return [tuple(c) for c in ev(ast.parse(spec, mode="eval").body)]
 
 
 def pos_conv_keys(prefix):
@@ -1212,11 +1149,9 @@ def plain_data(x, _path=()):
     """PickledObjects (recursively) as plain data: an omegaconf container as its content, an omegaconf value
     node as its value, a namespace as its attributes, an enum as its value; a structure that contains itself
     is refused."""
-    if isinstance(x, (PickledObject, dict, list, tuple)):
-        if id(x) in _path:
-            raise ValueError("a pickled config that contains itself cannot be read as plain data")
-        _path = _path + (id(x),)
-    plain = functools.partial(plain_data, _path=_path)
+    if id(x) in _path:
+        raise ValueError("a pickled config that contains itself cannot be read as plain data")
+    plain = functools.partial(plain_data, _path=_path + (id(x),))
     if isinstance(x, PickledObject):
         state = x.state[0] if isinstance(x.state, tuple) and len(x.state) == 2 else x.state
         if isinstance(state, dict):
@@ -1240,32 +1175,30 @@ def read_checkpoint(path):
     as released: argparse.Namespace, omegaconf, fairseq enums) is read again with each such class a
     PickledObject (no fairseq or omegaconf needed, no code from the pickle run), with a warning. The refused
     names come from the loader's own errors, one at a time, so both torch file formats work."""
-    stub = lambda name: (type(name.rpartition(".")[2], (PickledObject,), {}), name)  # noqa: E731
-    try:  # zip files list their globals up front; the loop below finds the rest one by one
-        stubs = [stub(n) for n in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
+    stub = lambda name: type(name.rpartition(".")[2], (PickledObject,), {})  # noqa: E731
+    try:  # zip files list their globals up front (one load, not one per class); the loop finds the rest
+        stubs = {name: stub(name) for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)}
     except Exception:  # the format of torch < 1.6, or not a torch file at all (the loop says which)
-        stubs = []
-    first = None
-    for _ in range(200):  # a checkpoint names a handful of classes
+        stubs = {}
+    first = None  # stubs: refused class name -> its stand-in
+    while True:
         try:
-            with torch.serialization.safe_globals(stubs):
+            with torch.serialization.safe_globals([(cls, name) for name, cls in stubs.items()]):
                 raw = torch.load(path, map_location="cpu", weights_only=True)
             break
         except Exception as e:  # pickle errors come in many types
             first = first or e
             found = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
-            if not found or found.group(1) in [n for _, n in stubs]:
+            if not found or found.group(1) in stubs:
                 # note: torch's own message advises weights_only=False, wrong advice for an untrusted file
                 reason = str(first).strip().splitlines()[0][:160] if str(first).strip() else ""
                 if reason.startswith("Weights only load failed"):
                     reason = "its pickle holds objects the safe loader refuses"
                 raise ValueError(f"{path}: not a readable torch checkpoint ({type(first).__name__}: {reason})") from e
-            stubs.append(stub(found.group(1)))
-    else:
-        raise ValueError(f"--teacher {path}: its pickle names too many classes the safe loader refuses")
+            stubs[found.group(1)] = stub(found.group(1))
     if not stubs:
         return raw
-    warnings.warn(f"{path}: its pickle names classes the safe loader refuses ({', '.join(n for _, n in stubs)}); "
+    warnings.warn(f"{path}: its pickle names classes the safe loader refuses ({', '.join(stubs)}); "
                   "they were read as plain data (dicts, lists, strings), without importing or running them")
     return plain_data(raw)
 
@@ -1281,12 +1214,10 @@ def read_safetensors(path):
     if sys.byteorder != "little":
         raise ValueError(f"{path}: safetensors holds little-endian tensors; this machine is big-endian")
     with open(path, "rb") as f:
-        blob = f.read()
-    n = struct.unpack("<Q", blob[:8])[0]
-    header, body, out = json.loads(blob[8:8 + n]), memoryview(blob)[8 + n:], {}
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        body, out = memoryview(f.read()), {}
+    header.pop("__metadata__", None)
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         if info["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name}: dtype {info['dtype']} is not supported")
         dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
@@ -1344,17 +1275,16 @@ def hf_to_torchaudio(folder):
     kind = hf.get("model_type")
     if kind not in HF_MODEL_TYPES:
         raise fail(f"model_type {kind!r} in config.json; expected one of {HF_MODEL_TYPES}")
-    problems = [f"{k}={hf.get(k)!r}" for k, ok in [("hidden_act", "gelu"), ("feat_extract_activation", "gelu"),
-                                                    ("layer_norm_eps", 1e-5)] if hf.get(k, ok) != ok]
-    problems += ["feat_proj_layer_norm=False"] if kind == "hubert" and not hf.get("feat_proj_layer_norm", True) else []
-    problems += ["conv_pos_batch_norm=True"] if hf.get("conv_pos_batch_norm") else []
+    expected = dict(hidden_act="gelu", feat_extract_activation="gelu", layer_norm_eps=1e-5, conv_pos_batch_norm=False,
+                    **({"feat_proj_layer_norm": True} if kind == "hubert" else {}))  # wav2vec2 has no such field
+    problems = [f"{k}={hf.get(k)!r}" for k, ok in expected.items() if hf.get(k, ok) != ok]
     if problems:
         raise fail(f"{', '.join(problems)} in config.json has no torchaudio counterpart")
-    fields = {**HF_CONFIG, **(HF_WAVLM_CONFIG if kind == "wavlm" else {})}
-    missing = [k for k in ["conv_dim", "conv_kernel", "conv_stride", *fields.values()] if k not in hf]
+    names = {**HF_CONFIG, **(HF_WAVLM_CONFIG if kind == "wavlm" else {})}
+    missing = [k for k in ["conv_dim", "conv_kernel", "conv_stride", *names.values()] if k not in hf]
     if missing:
         raise fail(f"config.json lacks {missing} (a {kind} config written by save_pretrained has them)")
-    config = dict(EVAL_ONLY, **{k: hf[name] for k, name in fields.items()},
+    config = dict(EVAL_ONLY, **{k: hf[name] for k, name in names.items()},
                   extractor_mode="group_norm" if hf.get("feat_extract_norm", "group") == "group" else "layer_norm",
                   extractor_conv_layer_config=list(zip(hf["conv_dim"], hf["conv_kernel"], hf["conv_stride"])),
                   extractor_conv_bias=bool(hf.get("conv_bias", False)),
@@ -1511,11 +1441,10 @@ def count_macs(cfg: StudentConfig, seconds=10.0, with_heads=True):
     return macs
 
 
-# HuBERT Base as a config of the same family, for its MACs (its parameters are counted on torchaudio's model).
-# The papers' 94.70M is fairseq's model: torchaudio's encoder plus mask_emb (768), final_proj (768 x 256 + 256)
-# and the label embeddings (504 x 256).
+# HuBERT Base as a config of the same family, for its MACs. Its parameters: the papers' 94.70M, fairseq's model
+# (torchaudio's 94.37M encoder plus mask_emb, final_proj and the label embeddings).
 HUBERT_BASE = StudentConfig(num_layers=12, head="per_layer", target_layers=tuple(range(1, 13)))
-HUBERT_BASE_FAIRSEQ_EXTRA = 768 + (768 * 256 + 256) + 504 * 256
+HUBERT_BASE_PARAMS = 94.70e6
 
 # A DistilHuBERT student is HuBERT's front end and first N post-LN layers, exactly HubertModel's computation, so
 # it leaves as a config.json + model.safetensors folder (as ntu-spml/distilhubert is published) whose
@@ -1553,18 +1482,16 @@ def export_hf(checkpoint, folder):
     state, unmapped = rename_keys({k: v for k, v in student.state_dict().items()
                                    if not k.startswith(("heads.", "front_end.mask_emb"))}, STUDENT_TO_HF)
     assert not unmapped, unmapped
-    conv = [tuple(c) for c in cfg.conv_layers]
-    hf = {"model_type": "hubert", "architectures": ["HubertModel"], "hidden_size": cfg.dim,
-          "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.ffn_dim,
-          "hidden_act": "gelu", "layer_norm_eps": 1e-5, "feat_extract_activation": "gelu",
-          "feat_extract_norm": "group" if cfg.conv_norm == "group_norm" else "layer", "feat_proj_layer_norm": True,
-          "conv_dim": [c for c, _, _ in conv], "conv_kernel": [k for _, k, _ in conv],
-          "conv_stride": [s for _, _, s in conv], "conv_bias": cfg.conv_bias, "conv_pos_batch_norm": False,
-          "num_conv_pos_embeddings": cfg.pos_conv_kernel, "num_conv_pos_embedding_groups": cfg.pos_conv_groups,
-          "do_stable_layer_norm": False, "hidden_dropout": cfg.dropout, "attention_dropout": cfg.attention_dropout,
-          "activation_dropout": cfg.activation_dropout, "feat_proj_dropout": cfg.input_dropout, "final_dropout": 0.0,
-          "layerdrop": 0.0, "mask_time_prob": 0.0, "mask_feature_prob": 0.0, "apply_spec_augment": False,
-          "torch_dtype": "float32"}
+    conv_dim, conv_kernel, conv_stride = map(list, zip(*cfg.conv_layers))
+    hf = dict(model_type="hubert", architectures=["HubertModel"], torch_dtype="float32", hidden_size=cfg.dim,
+              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_dim,
+              hidden_act="gelu", layer_norm_eps=1e-5, do_stable_layer_norm=False, feat_extract_activation="gelu",
+              feat_extract_norm="group" if cfg.conv_norm == "group_norm" else "layer", conv_dim=conv_dim,
+              conv_kernel=conv_kernel, conv_stride=conv_stride, conv_bias=cfg.conv_bias, feat_proj_layer_norm=True,
+              num_conv_pos_embeddings=cfg.pos_conv_kernel, num_conv_pos_embedding_groups=cfg.pos_conv_groups,
+              conv_pos_batch_norm=False, hidden_dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+              activation_dropout=cfg.activation_dropout, feat_proj_dropout=cfg.input_dropout, final_dropout=0.0,
+              layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0, apply_spec_augment=False)
     if os.path.isdir(folder) and os.listdir(folder):
         raise ValueError(f"export-hf: {folder} is not empty; choose a new or empty folder")
     os.makedirs(folder, exist_ok=True)
@@ -1579,36 +1506,28 @@ def export_hf(checkpoint, folder):
 
 
 def print_table():
-    import torchaudio
-
-    hubert = torchaudio.models.hubert_base()  # random weights: only the count is needed
-    hubert_params = sum(p.numel() for p in hubert.parameters())
-    hubert_paper = hubert_params + HUBERT_BASE_FAIRSEQ_EXTRA
-    hubert_macs = count_macs(HUBERT_BASE, with_heads=False)
     base = bundle_description("hubert_base")  # a HuBERT Base-sized teacher, for fit_to_teacher
+    hubert_macs = count_macs(HUBERT_BASE, with_heads=False)
     print("Students fitted to a HuBERT Base teacher (768-d, 12 layers). MACs: one forward on 10 s of audio.")
-    print("% of HuBERT Base uses the papers' 94.70M (fairseq count) and HuBERT Base's MACs from the same formula.")
+    print("% of HuBERT Base: of the papers' 94.70M (fairseq's count) and of HuBERT Base's MACs by the same formula.")
     print(f"{'model':<14}{'params (M)':>11}{'paper (M)':>10}  {'counted':<24}{'GMACs/10s':>10}{'params %':>10}"
           f"{'MACs %':>8}")
     for name in PRESETS:
         student, _ = build_student(name, base)
         paper, what = PAPER_PARAMS[name]
         with_heads = what != "without prediction heads"
-        n = count_parameters(student, with_heads=with_heads)
-        m = count_macs(student.cfg, with_heads=with_heads)
-        paper_s = f"{paper:.2f}" if paper else "-"
-        print(f"{name:<14}{n / 1e6:>11.2f}{paper_s:>10}  {what:<24}{m / 1e9:>10.2f}"
-              f"{100 * n / hubert_paper:>9.1f}%{100 * m / hubert_macs:>7.1f}%")
-    print(f"{'hubert_base':<14}{hubert_params / 1e6:>11.2f}{hubert_paper / 1e6:>10.2f}  "
-          f"{'torchaudio; paper=fairseq':<24}{hubert_macs / 1e9:>10.2f}{100 * hubert_params / hubert_paper:>9.1f}%"
-          f"{100.0:>7.1f}%")
+        n, m = count_parameters(student, with_heads), count_macs(student.cfg, with_heads=with_heads)
+        paper = f"{paper:.2f}" if paper else "-"
+        print(f"{name:<14}{n / 1e6:>11.2f}{paper:>10}  {what:<24}{m / 1e9:>10.2f}"
+              f"{100 * n / HUBERT_BASE_PARAMS:>9.1f}%{100 * m / hubert_macs:>7.1f}%")
+    print(f"{'hubert_base':<14}{'-':>11}{HUBERT_BASE_PARAMS / 1e6:>10.2f}  {'fairseq':<24}{hubert_macs / 1e9:>10.2f}")
     # GenDistiller against the baseline it compares to, both as distillation trains them (with heads)
     gen = count_parameters(build_student("gendistiller", base)[0])
     distil = count_parameters(build_student("distilhubert", base)[0])
     wavlm_gen = count_parameters(build_student("gendistiller", bundle_description("wavlm_base_plus"))[0])
     print(f"GenDistiller vs DistilHuBERT with its heads ({distil / 1e6:.2f}M): {gen / distil:.3f}x the parameters "
           f"(2406.09444: 33 % fewer, 0.67x); from WavLM Base+: {wavlm_gen / 1e6:.2f}M, "
-          f"{100 * wavlm_gen / 94.70e6:.1f} % of the papers' 94.70M (2406.09444: 18 %)")
+          f"{100 * wavlm_gen / HUBERT_BASE_PARAMS:.1f} % of the papers' 94.70M (2406.09444: 18 %)")
 
 
 def main(argv=None):
