@@ -4,16 +4,13 @@ fairseq's compute_mask_indices (HuBERT, Hsu et al., arXiv 2106.07447; ARMHuBERT,
 2305.11685; CoLLD, arXiv 2309.07707, reuses it). Crops and batch orders are pure functions of
 (seed, epoch, index), so a resumed run sees exactly the audio of one that ran straight through.
 
-Example:
     items, report = data.scan_audio("/data/LibriSpeech/train-clean-100")  # prints the report
-    ds = data.AudioDataset(items, max_samples=250_000, seed=0)            # or data.SyntheticSpeech()
+    ds = data.AudioDataset(items, max_samples=250_000, seed=0)  # or data.AudioDataset(data.SyntheticSpeech())
     sampler = data.LengthBucketSampler(ds.lengths, max_batch_samples=24 * 250_000, seed=0)
-    loader = data.make_loader(ds, sampler, num_workers=2)
-    for epoch in range(10):
-        sampler.set_epoch(epoch)
-        for wav, lengths in loader:          # wav (B, S_max) float32, lengths (B,) long
-            frames = data.frame_count(lengths)                       # (B,) long
-            mask = data.compute_mask_indices(frames, int(frames.max()), mask_prob=0.8)
+    sampler.set_epoch(epoch)  # at the start of every epoch
+    for wav, lengths in data.make_loader(ds, sampler):  # wav (B, S_max) float32, lengths (B,) long
+        frames = data.frame_count(lengths)  # (B,) long
+        mask = data.compute_mask_indices(frames, int(frames.max()), mask_prob=0.8)
 """
 import math
 import os
@@ -113,12 +110,12 @@ def load_audio(path):
 # 3. Corpus scanning: which files are usable, and why the others are not
 
 
-def scan_audio(root, verbose=True, max_shown=20):
+def scan_audio(root, verbose=True):
     """Find the usable audio files under `root` (recursive, symlinked folders followed): (items, report).
 
     items:  [(path, num_samples_at_16k), ...] sorted by path, every file with at least one frame.
     report: [(path, reason), ...] every file left out and why: "unreadable: ...", "empty",
-            "shorter than one frame (N samples < 400)"; printed with verbose=True (the first max_shown).
+            "shorter than one frame (N samples < 400)"; printed with verbose=True (the first 20).
     choice: lengths come from the file header, so scanning decodes nothing; a corrupt body is caught later
     by load_audio. FileNotFoundError when `root` is not a directory, ValueError when it holds no usable file.
     """
@@ -132,7 +129,7 @@ def scan_audio(root, verbose=True, max_shown=20):
                    for name in names if name.lower().endswith(AUDIO_EXTENSIONS))
     if not paths:
         raise ValueError(f"scan_audio: no audio files ({'/'.join(AUDIO_EXTENSIONS)}) found under {root!r}")
-    items, report, rates, downmixed = [], [], {}, 0
+    items, report = [], []
     for path in paths:
         try:
             info = sf.info(path) if os.path.getsize(path) > 0 else None
@@ -143,9 +140,6 @@ def scan_audio(root, verbose=True, max_shown=20):
             report.append((path, "empty"))
             continue
         num_samples = resampled_length(info.frames, info.samplerate)
-        if info.samplerate != SAMPLE_RATE:
-            rates[info.samplerate] = rates.get(info.samplerate, 0) + 1
-        downmixed += info.channels > 1
         if num_samples < MIN_SAMPLES:
             report.append((path, f"shorter than one frame ({num_samples} samples < {MIN_SAMPLES})"))
             continue
@@ -153,14 +147,10 @@ def scan_audio(root, verbose=True, max_shown=20):
     if verbose:
         print(f"data: {root}: {len(items)} usable audio files, "
               + (f"{len(report)} bad files left out:" if report else "no bad files"))
-        for path, reason in report[:max_shown]:
+        for path, reason in report[:20]:
             print(f"  {path}: {reason}")
-        if len(report) > max_shown:
-            print(f"  ... and {len(report) - max_shown} more")
-        if rates or downmixed:
-            from_rates = ", ".join(f"{r} Hz: {n}" for r, n in sorted(rates.items())) or "-"
-            print(f"data: {root}: {sum(rates.values())} file(s) resampled to 16 kHz (from {from_rates}), "
-                  f"{downmixed} averaged to mono")
+        if len(report) > 20:
+            print(f"  ... and {len(report) - 20} more")
         if items:
             path, n = max(items, key=lambda item: item[1])
             print(f"data: {root}: longest utterance {n / SAMPLE_RATE:.1f} s ({path})")
@@ -213,13 +203,7 @@ class SyntheticSpeech:
     """
 
     def __init__(self, num_utterances=256, seed=0, min_seconds=1.0, max_seconds=4.0):
-        if num_utterances < 1:
-            raise ValueError(f"SyntheticSpeech: num_utterances must be >= 1, got {num_utterances}")
-        if not (MIN_SAMPLES / SAMPLE_RATE <= min_seconds <= max_seconds):
-            raise ValueError(f"SyntheticSpeech: need {MIN_SAMPLES / SAMPLE_RATE} <= min_seconds <= max_seconds, "
-                             f"got min_seconds={min_seconds}, max_seconds={max_seconds}")
-        self.num_utterances, self.seed = num_utterances, seed
-        self.min_seconds, self.max_seconds = min_seconds, max_seconds
+        self.seed, self.min_seconds, self.max_seconds = seed, min_seconds, max_seconds
         self.lengths = [self._start(i)[1] for i in range(num_utterances)]  # known without making the audio
         self.names = [f"synthetic-{seed}-{i:06d}" for i in range(num_utterances)]
 
@@ -230,12 +214,12 @@ class SyntheticSpeech:
         return rng, int(round(rng.uniform(self.min_seconds, self.max_seconds) * SAMPLE_RATE))
 
     def __len__(self):
-        return self.num_utterances
+        return len(self.lengths)
 
     def __getitem__(self, index):
         """Utterance `index` as a FloatTensor (S,) at 16 kHz, S = self.lengths[index]."""
-        if not 0 <= index < self.num_utterances:
-            raise IndexError(f"SyntheticSpeech: index {index} out of range 0..{self.num_utterances - 1}")
+        if not 0 <= index < len(self):
+            raise IndexError(f"SyntheticSpeech: index {index} out of range 0..{len(self) - 1}")
         return torch.from_numpy(_synthesize(*self._start(index)))
 
 
@@ -299,20 +283,11 @@ def _synthesize(rng, num_samples):
     vowel_filter = resonance.prod(axis=2) * tilt  # (W, F)
     fricative_filter = np.exp(-0.5 * ((freqs - rng.uniform(3500, 6000)) / 1200.0) ** 2)  # (F,) broad high band
 
-    wav = _overlap_add_filter([(voiced, vowel_filter), (noise, fricative_filter[None, :])], num_win)  # (S,)
-    wav = wav / (np.sqrt(np.mean(wav**2)) + 1e-8) * rng.uniform(0.05, 0.1)  # RMS level of read speech
-    wav = wav + rng.standard_normal(num_samples) * 3e-4  # background noise, about -50 dB
-    return np.clip(wav, -1.0, 1.0).astype(np.float32)
-
-
-def _overlap_add_filter(parts, num_win):
-    """Sum of filtered signals: parts = [(x (S,), gains (W or 1, F)), ...] -> (S,). Each Hann-weighted window
-    of x is multiplied by its gains in the frequency domain; the spectra of all parts are summed, inverted
-    once and added back at hop 256 (a flat gain returns x). num_win must be S // 256 + 2."""
-    num_samples = parts[0][0].shape[0]
+    # filtering: each Hann-weighted window of a source is multiplied by its gains in the frequency domain;
+    # the spectra of both sources are summed, inverted once and added back at hop 256 (a flat gain returns x)
     hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(_WIN) / _WIN)  # periodic Hann
     spectra = 0.0
-    for x, gains in parts:
+    for x, gains in ((voiced, vowel_filter), (noise, fricative_filter[None, :])):
         padded = np.zeros((num_win + 1) * _HOP)
         padded[_HOP : _HOP + num_samples] = x  # half a window of zeros in front: window w centres on sample w*hop
         frames = np.lib.stride_tricks.sliding_window_view(padded, _WIN)[::_HOP][:num_win]  # (W, 512)
@@ -321,7 +296,10 @@ def _overlap_add_filter(parts, num_win):
     out = np.zeros((num_win + 1, _HOP))  # (W + 1, hop): blocks of the output
     out[:num_win] += filtered[:, :_HOP]  # first half of window w lands in block w
     out[1:] += filtered[:, _HOP:]  # second half lands in block w + 1
-    return out.reshape(-1)[_HOP : _HOP + num_samples]
+    wav = out.reshape(-1)[_HOP : _HOP + num_samples]  # (S,)
+    wav = wav / (np.sqrt(np.mean(wav**2)) + 1e-8) * rng.uniform(0.05, 0.1)  # RMS level of read speech
+    wav = wav + rng.standard_normal(num_samples) * 3e-4  # background noise, about -50 dB
+    return np.clip(wav, -1.0, 1.0).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -347,24 +325,15 @@ class AudioDataset(torch.utils.data.Dataset):
     def __init__(self, source, max_samples=None, seed=0, skip_bad=False):
         if isinstance(source, SyntheticSpeech):
             self.synthetic, self.paths, self.names = source, None, list(source.names)
-            full_lengths = list(source.lengths)
-        elif isinstance(source, (list, tuple)):
-            if not source:
-                raise ValueError("AudioDataset: the list of items is empty (expected [(path, num_samples), ...] "
-                                 "from scan_audio)")
+            self.full_lengths = list(source.lengths)  # samples before cropping
+        else:
             self.synthetic, self.paths = None, [str(p) for p, _ in source]
-            full_lengths = [int(n) for _, n in source]
+            self.full_lengths = [int(n) for _, n in source]
             # LibriSpeech utterance id = file name without extension (the key of read_transcripts)
             self.names = [os.path.splitext(os.path.basename(p))[0] for p in self.paths]
-        else:
-            raise TypeError(f"AudioDataset: source must be a list of (path, num_samples) or a SyntheticSpeech; "
-                            f"got {type(source).__name__}")
-        if max_samples is not None and max_samples < MIN_SAMPLES:
-            raise ValueError(f"AudioDataset: max_samples must be >= {MIN_SAMPLES} (one frame), got {max_samples}")
         self.max_samples, self.seed, self.skip_bad = max_samples, seed, skip_bad
-        self.full_lengths = full_lengths  # samples before cropping
         # lengths after cropping: what the sampler packs into batches
-        self.lengths = [n if max_samples is None else min(n, max_samples) for n in full_lengths]
+        self.lengths = [n if max_samples is None else min(n, max_samples) for n in self.full_lengths]
 
     def __len__(self):
         return len(self.lengths)
@@ -395,45 +364,30 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     """Batches of utterances of similar length, as lists of (epoch, index) pairs (the crop needs the epoch).
 
     Indices sorted by length are cut greedily so that each batch's padded size, B * (its longest length),
-    stays <= max_batch_samples (an utterance over the budget gets a batch of its own); max_batch_size also
-    caps the utterances per batch (DistilHuBERT counts 24). sort_lengths: the full lengths when `lengths`
-    are cropped (s3prl's order), so long utterances do not tie in path order (batches of one speaker).
-    choice: the batches are formed once; only their ORDER changes, drawn from (seed, epoch) (as fairseq).
-    Rank r of W takes batches r, r+W, ...; a count not divisible by W repeats batches from the start
-    (DistributedSampler's rule), or drop_last drops the tail. set_epoch(epoch, start_batch=k) skips this
-    rank's first k batches (resume). len(sampler) = this rank's batches in a full epoch.
+    stays <= max_batch_samples (an utterance over the budget gets a batch of its own). sort_lengths: the
+    full lengths when `lengths` are cropped (s3prl's order), so long utterances do not tie in path order
+    (batches of one speaker). choice: the batches are formed once; only their ORDER changes, drawn from
+    (seed, epoch) (as fairseq). Rank r of W takes batches r, r+W, ...; a count not divisible by W repeats
+    batches from the start (DistributedSampler's rule). set_epoch(epoch, start_batch=k) skips this rank's
+    first k batches (resume). len(sampler) = this rank's batches in a full epoch.
     """
 
-    def __init__(self, lengths, max_batch_samples, seed=0, shuffle=True, rank=0, world_size=1, drop_last=False,
-                 max_batch_size=None, sort_lengths=None):
-        lengths = [int(n) for n in lengths]
-        if not lengths:
-            raise ValueError("LengthBucketSampler: lengths is empty (no utterances to batch)")
+    def __init__(self, lengths, max_batch_samples, seed=0, shuffle=True, rank=0, world_size=1, sort_lengths=None):
         if max_batch_samples <= 0:
             raise ValueError(f"LengthBucketSampler: max_batch_samples must be > 0, got {max_batch_samples}")
-        if max_batch_size is not None and max_batch_size < 1:
-            raise ValueError(f"LengthBucketSampler: max_batch_size must be >= 1 or None, got {max_batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"LengthBucketSampler: need 0 <= rank < world_size, got rank={rank}, "
-                             f"world_size={world_size}")
-        self.lengths = lengths
-        self.sort_lengths = lengths if sort_lengths is None else [int(n) for n in sort_lengths]
-        self.max_batch_samples, self.max_batch_size = max_batch_samples, max_batch_size
-        self.seed, self.shuffle, self.rank, self.world_size, self.drop_last = seed, shuffle, rank, world_size, drop_last
+        self.lengths = [int(n) for n in lengths]
+        self.sort_lengths = self.lengths if sort_lengths is None else [int(n) for n in sort_lengths]
+        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.epoch, self.start_batch = 0, 0
         # stable sort: equal lengths keep index order, so the batches are reproducible
         self.batches, current = [], []
-        for i in sorted(range(len(lengths)), key=lambda i: self.sort_lengths[i]):
+        for i in sorted(range(len(self.lengths)), key=lambda i: self.sort_lengths[i]):
             # lengths ascend, so adding utterance i makes it the longest: padded size = (B + 1) * len_i
-            over_budget = (len(current) + 1) * lengths[i] > max_batch_samples
-            if current and (over_budget or max_batch_size is not None and len(current) == max_batch_size):
+            if current and (len(current) + 1) * self.lengths[i] > max_batch_samples:
                 self.batches.append(current)
                 current = []
             current.append(i)
         self.batches.append(current)
-        if drop_last and len(self.batches) < world_size:
-            raise ValueError(f"LengthBucketSampler: drop_last with {len(self.batches)} batches and world_size "
-                             f"{world_size} leaves no batch for some ranks; lower world_size or max_batch_samples")
 
     def set_epoch(self, epoch, start_batch=0):
         """Select the epoch's batch order; skip this rank's first `start_batch` batches (resume)."""
@@ -442,8 +396,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self):
-        n, w = len(self.batches), self.world_size
-        return n // w if self.drop_last else math.ceil(n / w)
+        return math.ceil(len(self.batches) / self.world_size)
 
     def __iter__(self):
         epoch, n, w = self.epoch, len(self.batches), self.world_size
@@ -505,10 +458,8 @@ def compute_mask_indices(frame_lengths, max_frames, mask_prob, mask_length=10, m
     (probabilistic rounding: E = mask_prob * T_b / mask_length); span lengths all mask_length ("static") or
     uniform on {0, ..., 2 * mask_length} ("uniform"); spans placed at random inside the valid frames.
 
-    Values of HuBERT (fairseq hubert_base) / of the official ARMHuBERT code:
-      mask_prob 0.8 / 0.8 on 960 h, 0.4 on 100 h;  mask_length 10 / 10;  mask_type static / uniform;
-      min_masks 2 / 2;  no_overlap False / True (overlapping spans cover only about 1 - exp(-mask_prob));
-      min_space, the gap kept between spans with no_overlap, 1 / 1.
+    HuBERT (fairseq hubert_base) lets spans overlap (no_overlap=False: they cover only about
+    1 - exp(-mask_prob)); the official ARMHuBERT code keeps min_space frames between them (no_overlap=True).
     require_same_masks (fairseq's default): drop random masked frames until every row has the smallest
     count, so a batch's masked frames stack into a rectangle. same_count_rows = G: take that minimum within
     groups of G rows of neighbouring lengths (None: over the batch, as fairseq); ARMHuBERT's official run
@@ -525,12 +476,6 @@ def compute_mask_indices(frame_lengths, max_frames, mask_prob, mask_length=10, m
     """
     if mask_type not in ("static", "uniform"):
         raise ValueError(f"compute_mask_indices: mask_type must be 'static' or 'uniform', got {mask_type!r}")
-    if not 0.0 <= mask_prob <= 1.0:
-        raise ValueError(f"compute_mask_indices: mask_prob must be in [0, 1], got {mask_prob}")
-    if mask_length < 1:
-        raise ValueError(f"compute_mask_indices: mask_length must be >= 1, got {mask_length}")
-    if min_masks < 0 or min_space < 0:
-        raise ValueError(f"compute_mask_indices: min_masks and min_space must be >= 0, got {min_masks}, {min_space}")
     lengths = np.asarray(frame_lengths.cpu() if isinstance(frame_lengths, torch.Tensor) else frame_lengths,
                          dtype=np.int64).reshape(-1)  # (B,)
     if (lengths < 0).any() or (lengths > max_frames).any():

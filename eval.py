@@ -2,23 +2,21 @@
 
 The probe is SUPERB's phoneme recognition in small (Yang et al., arXiv 2105.01051): the upstream is
 frozen, a learned softmax-weighted sum of ALL its layers feeds a linear CTC head, and the phone error
-rate (PER) of greedy decoding is reported with the probe state that was best on dev. Sections 1-6:
-labels (lexicon, units, splits), upstreams, the feature cache, the probe, decoding and error rates,
-training and test. Section 7 times the teacher, the students and one distillation step per method.
+rate (PER) of greedy decoding is reported with the probe state that was best on dev (sections 1-5).
+Section 6 times the teacher, the students and one distillation step per method.
 
 SUPERB trains its head on train-clean-100 for 100k steps; this probe trains the same kind of head on
 whatever subset you give it (the cached features must fit in memory: L x D x 50 x 2 bytes per second
 of audio, 0.9 MB/s for 12 layers of 768). That ranks upstreams against each other and against their
-`random:` floor; it does not reproduce the papers' absolute PER.
+`cnn:` floor; it does not reproduce the papers' absolute PER.
 
     python eval.py probe --upstream runs/armhubert/ckpt-00390600.pt \\
         --train LibriSpeech/train-clean-100 --train_limit 2000 --dev LibriSpeech/dev-clean \\
         --test LibriSpeech/test-clean --lexicon librispeech-lexicon.txt --out armhubert_pr.json
-    python eval.py probe --upstream random:runs/armhubert/ckpt-00390600.pt ...   # the floor
-    python eval.py speed --seconds 4 --batch 8 --device cuda
 """
 import argparse
 import copy
+import itertools
 import json
 import os
 import random
@@ -27,24 +25,23 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchaudio.functional import edit_distance  # Levenshtein distance of two sequences
 
 import data
 import distill
 import model
 
 # ----------------------------------------------------------------------------
-# 1. Labels: the lexicon, transcripts -> units, LibriSpeech-layout splits
+# 1. Labels: the lexicon, transcripts -> phones, LibriSpeech-layout splits
 # ----------------------------------------------------------------------------
 
 BLANK = "<blank>"  # the CTC blank, always unit id 0
-WORD_SEP = "|"  # word separator of the character unit (as in SUPERB's ASR and wav2letter)
-CHARS = [WORD_SEP] + [chr(c) for c in range(ord("A"), ord("Z") + 1)] + ["'"]  # LibriSpeech's characters
 
 
 def read_lexicon(path):
@@ -53,7 +50,7 @@ def read_lexicon(path):
     Blank lines and `;;;` comments are skipped; phones stay as written (AH0 and AH1 are two units)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--lexicon {path}: file not found")
-    lexicon, repeated = {}, 0
+    lexicon = {}
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             parts = line.split()
@@ -62,43 +59,23 @@ def read_lexicon(path):
             if len(parts) < 2:
                 raise ValueError(f"--lexicon {path}:{line_no}: expected 'WORD ph ph ...', "
                                  f"found the word {parts[0]!r} with no phones")
-            word = parts[0].upper()
-            repeated += word in lexicon
-            lexicon.setdefault(word, parts[1:])  # the first pronunciation wins
-    if not lexicon:
-        raise ValueError(f"--lexicon {path}: no entries found (expected lines 'WORD ph ph ...')")
-    if repeated:
-        print(f"lexicon: {path}: {len(lexicon)} words; {repeated} further pronunciations ignored (first one wins)")
+            lexicon.setdefault(parts[0].upper(), parts[1:])  # the first pronunciation wins
     return lexicon
 
 
-class UnknownWord(ValueError):
-    """A transcript word that the lexicon does not have (--skip-unknown counts and skips its utterance)."""
-
-
-def text_to_units(text, unit, lexicon=None, where="transcript"):
-    """A transcript as unit strings. "phone": the words' pronunciations; "char": the letters with
-    WORD_SEP between words, "AN APPLE" -> A N | A P P L E."""
+def text_to_units(text, lexicon, where="transcript"):
+    """A transcript as its words' pronunciations: a list of phone strings."""
     words = text.upper().split()
-    if not words:
-        raise ValueError(f"{where}: empty transcript")
-    if unit == "phone":
-        for w in words:
-            if w not in lexicon:
-                raise UnknownWord(f"word {w!r} of {where} is not in the lexicon "
-                                  "(pass --skip-unknown to leave such utterances out, counted)")
-        return [p for w in words for p in lexicon[w]]
-    bad = [(c, w) for w in words for c in w if c not in CHARS or c == WORD_SEP]
-    if bad:
-        raise ValueError(f"{where}: character {bad[0][0]!r} in word {bad[0][1]!r} is not in the character set "
-                         f"{''.join(CHARS[1:])!r} (letters and apostrophe)")
-    return list(WORD_SEP.join(words))
+    for w in words:
+        if w not in lexicon:
+            raise ValueError(f"word {w!r} of {where} is not in the lexicon")
+    return [p for w in words for p in lexicon[w]]
 
 
-def unit_vocabulary(unit, lexicon=None):
-    """Unit strings by id, id 0 the blank. Phones: every phone of the lexicon (choice: the vocabulary
-    then does not depend on which words the splits happen to contain)."""
-    return [BLANK] + (sorted({p for phones in lexicon.values() for p in phones}) if unit == "phone" else CHARS)
+def unit_vocabulary(lexicon):
+    """Phone strings by id, id 0 the blank. choice: every phone of the lexicon, so the vocabulary does
+    not depend on which words the splits happen to contain."""
+    return [BLANK] + sorted({p for phones in lexicon.values() for p in phones})
 
 
 @dataclass
@@ -108,13 +85,11 @@ class Split:
     ids: List[str] = field(default_factory=list)
     paths: List[str] = field(default_factory=list)
     num_samples: List[int] = field(default_factory=list)
-    texts: List[str] = field(default_factory=list)
     labels: List[List[int]] = field(default_factory=list)  # unit ids; the blank (0) never appears
-    skipped_unknown: int = 0  # utterances with a word not in the lexicon (--skip-unknown)
     features: list = None  # per utterance: (float16 (L, T, D), float32 scale (L, 1, 1)), see extract_features
 
 
-def load_split(name, root, unit, lexicon, vocab, skip_unknown=False, limit=0):
+def load_split(name, root, lexicon, vocab, limit=0):
     """Read `root` in LibriSpeech layout (`*/*/ID.flac` + `*.trans.txt`); limit > 0: the first `limit` ids.
     Every transcript line needs its audio file; audio without a transcript line is counted, not used."""
     if not os.path.isdir(root):
@@ -135,23 +110,14 @@ def load_split(name, root, unit, lexicon, vocab, skip_unknown=False, limit=0):
         folder = os.path.dirname(path)  # LibriSpeech keeps one *.trans.txt per chapter folder, beside the audio
         trans = sorted(f for f in os.listdir(folder) if f.endswith(".trans.txt"))
         where = f"utterance {utt} in {os.path.join(folder, trans[0]) if trans else folder}"
-        try:
-            units = text_to_units(texts[utt], unit, lexicon, where)
-        except UnknownWord:
-            if not skip_unknown:
-                raise
-            split.skipped_unknown += 1
-            continue
+        split.labels.append([to_id[u] for u in text_to_units(texts[utt], lexicon, where)])
         split.ids.append(utt)
         split.paths.append(path)
         split.num_samples.append(n)
-        split.texts.append(texts[utt])
-        split.labels.append([to_id[u] for u in units])
     if not split.ids:
-        raise ValueError(f"--{name} {root}: no usable utterance ({split.skipped_unknown} skipped for unknown words)")
+        raise ValueError(f"--{name} {root}: its *.trans.txt files list no utterance")
     unused = len(set(audio) - set(texts))
     print(f"{name}: {root}: {len(split.ids)} utterances, {sum(split.num_samples) / data.SAMPLE_RATE / 3600:.2f} h"
-          + (f", {split.skipped_unknown} skipped (word not in lexicon)" if split.skipped_unknown else "")
           + (f", {unused} audio files without transcript (not used)" if unused else "")
           + (f", limited to the first {limit} by id (--{name}_limit)" if limit else ""))
     return split
@@ -162,8 +128,6 @@ def load_split(name, root, unit, lexicon, vocab, skip_unknown=False, limit=0):
 #   PATH.pt            a distill.py checkpoint -> its student (model.load_student)
 #   tiny | NAME | PATH anything model.load_teacher accepts -> the teacher
 #   random:NAME        a torchaudio bundle's geometry (random:hubert_base) or the tiny teacher, random weights
-#   random:PRESET[:T]  a student preset with random weights fitted to teacher T (default: HuBERT Base's size)
-#   random:CKPT        the config of a distill.py checkpoint with fresh weights: the floor at equal size
 #   cnn:UPSTREAM       the conv front end of UPSTREAM alone: one "layer" (B, T, C)
 # ----------------------------------------------------------------------------
 
@@ -181,40 +145,17 @@ def build_upstream(spec, device="cpu", seed=0, flag="--upstream"):
     """(frozen module in eval mode, cnn_only) for a spec of the table above."""
     cnn_only = spec.startswith("cnn:")
     rest = spec[len("cnn:"):] if cnn_only else spec
-    if rest.startswith("cnn:"):
-        raise ValueError(f"{flag} {spec}: 'cnn:' given twice")
-    if rest.startswith("random:"):
-        what = rest[len("random:"):]
-        preset, _, teacher_spec = what.partition(":")
-        if os.path.isfile(what):
-            if not is_student_checkpoint(what):
-                raise ValueError(f"{flag} {spec}: {what} is not a distill.py checkpoint (no 'student'/'config' keys); "
-                                 "random:FILE takes the architecture of a student checkpoint")
-            cfg = model.config_from_dict(torch.load(what, map_location="cpu", weights_only=True)["config"])
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                module, _ = model.build_student(cfg)  # the checkpoint's config, fresh weights
-        elif preset in model.PRESETS:
-            # without ':TEACHER' the preset is fitted to HuBERT Base's geometry (the papers' size),
-            # described from torchaudio's config so that nothing is downloaded
-            teacher = (build_upstream(teacher_spec, "cpu", seed, flag)[0] if teacher_spec
-                       else model.bundle_description("hubert_base"))
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                module, _ = model.build_student(preset, teacher, copy_weights=False)
-        elif not teacher_spec:
-            module = model.random_teacher(preset, seed)  # its ValueError names the bundles
-        else:
-            raise ValueError(f"{flag} {spec}: {preset!r} is not a student preset ({', '.join(model.PRESETS)})")
-    elif os.path.isfile(rest) and is_student_checkpoint(rest):
+    if os.path.isfile(rest) and is_student_checkpoint(rest):
         module = model.load_student(rest, "cpu")
     else:
         try:
-            module = model.load_teacher(rest, "cpu")
+            if rest.startswith("random:"):
+                module = model.random_teacher(rest[len("random:"):], seed)
+            else:
+                module = model.load_teacher(rest, "cpu")
         except ValueError as e:
             reason = re.sub(rf"^(--teacher )?'?{re.escape(rest)}'?: ", "", str(e))  # the loader names it too
             raise ValueError(f"{flag} {spec}: {reason}; also accepted: a distill.py checkpoint, random:NAME, "
-                             f"random:PRESET[:TEACHER] (presets: {', '.join(model.PRESETS)}), random:CKPT, "
                              "cnn:UPSTREAM") from e
     module = module.to(device).eval()
     module.requires_grad_(False)  # frozen: the probe never changes the upstream
@@ -242,12 +183,9 @@ def extract_features(module, cnn_only, split, device, batch_size=8, max_cache_gb
         for i, n in zip(idx, lengths.tolist()):
             if n != split.num_samples[i]:
                 raise ValueError(f"{split.paths[i]}: decoded {n} samples but the header said {split.num_samples[i]}")
-        if cnn_only:
-            conv, frame_lengths = module.cnn_features(wav.to(device), lengths.to(device))  # (B, T, C)
-            layers = [conv]
-        else:
-            layers, frame_lengths = module.hidden_states(wav.to(device), lengths.to(device))  # L x (B, T, D)
-        stacked = torch.stack(layers, dim=1).float()  # (B, L, T, D)
+        run = module.cnn_features if cnn_only else module.hidden_states
+        out, frame_lengths = run(wav.to(device), lengths.to(device))  # (B, T, C) or L x (B, T, D)
+        stacked = torch.stack([out] if cnn_only else out, dim=1).float()  # (B, L, T, D)
         for b, i in enumerate(idx):
             x = stacked[b, :, : int(frame_lengths[b])]  # (L, T_b, D) valid frames only
             # subtle: float16's smallest normal number is 6e-5 and a random conv stack's features can be
@@ -284,22 +222,18 @@ def pad_batch(features, idx, device):
 
 
 # ----------------------------------------------------------------------------
-# 4. The probe: weighted sum of layers + linear CTC head
+# 4. The probe (weighted sum of layers + linear CTC head), greedy decoding, error rates
 # ----------------------------------------------------------------------------
 
 
 class WeightedSum(nn.Module):
-    """SUPERB's featurizer: h = sum_l softmax(w)_l * layer_l, w = 0 at the start (a uniform average).
-    normalize: LayerNorm without affine on each layer first (s3prl's option, off in SUPERB and here)."""
+    """SUPERB's featurizer: h = sum_l softmax(w)_l * layer_l, w = 0 at the start (a uniform average)."""
 
-    def __init__(self, num_layers, normalize=False):
+    def __init__(self, num_layers):
         super().__init__()
         self.weights = nn.Parameter(torch.zeros(num_layers))  # one scalar per layer
-        self.normalize = normalize
 
     def forward(self, layers):  # (B, L, T, D) -> (B, T, D)
-        if self.normalize:
-            layers = F.layer_norm(layers, layers.shape[-1:])  # per layer and frame, over D
         return torch.einsum("l,bltd->btd", self.weights.softmax(dim=0), layers)
 
 
@@ -308,20 +242,19 @@ class Probe(nn.Module):
 
     choice: one Linear; SUPERB's PR downstream (s3prl libriphone.yaml) is Linear(D -> 256) then a
     linear frame-level layer, also linear, with a rank-256 bottleneck.
-    choice (--head_init zero): every unit starts equally likely, so greedy decoding emits nothing (the
+    choice: a zero head, so every unit starts equally likely, greedy decoding emits nothing (the
     untrained PER is exactly 100 %) and two runs differ only in batch order; PyTorch's random init
-    (SUPERB's, `--head_init random`) made some seeds stall far above that on the tiny test task.
+    (SUPERB's) made some seeds stall far above that on the tiny test task.
     note: a linear head emits a unit with one probability q on alike frames; over n >~ 5 of them the
     CTC likelihood has a local optimum at small q (only blanks decoded). Contextual features, which
     change across a phone, avoid it; a long stationary sound does not."""
 
-    def __init__(self, num_layers, dim, vocab_size, normalize=False, head_init="zero"):
+    def __init__(self, num_layers, dim, vocab_size):
         super().__init__()
-        self.featurizer = WeightedSum(num_layers, normalize)
+        self.featurizer = WeightedSum(num_layers)
         self.head = nn.Linear(dim, vocab_size)
-        if head_init == "zero":
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, layers):  # (B, L, T, D) -> (B, T, V)
         return self.head(self.featurizer(layers))
@@ -334,11 +267,6 @@ def ctc_loss(logits, frame_lengths, labels):
     targets = torch.tensor([u for y in labels for u in y], dtype=torch.long, device=logits.device)
     target_lengths = torch.tensor([len(y) for y in labels], dtype=torch.long, device=logits.device)
     return F.ctc_loss(log_probs, targets, frame_lengths, target_lengths, blank=0, zero_infinity=True)
-
-
-# ----------------------------------------------------------------------------
-# 5. Greedy CTC decoding and error rates
-# ----------------------------------------------------------------------------
 
 
 def greedy_decode(logits_or_ids, lengths, blank=0):
@@ -356,24 +284,10 @@ def greedy_decode(logits_or_ids, lengths, blank=0):
     return out
 
 
-def edit_distance(ref, hyp):
-    """Levenshtein distance, the dynamic programme one row at a time: d[i][j] = edits from ref[:i] to hyp[:j]."""
-    prev = list(range(len(hyp) + 1))  # d[0][j] = j insertions
-    for i in range(1, len(ref) + 1):
-        cur = [i] + [0] * len(hyp)  # d[i][0] = i deletions
-        for j in range(1, len(hyp) + 1):
-            cur[j] = min(prev[j] + 1,  # delete ref[i-1]
-                         cur[j - 1] + 1,  # insert hyp[j-1]
-                         prev[j - 1] + (ref[i - 1] != hyp[j - 1]))  # substitute (or match: +0)
-        prev = cur
-    return prev[-1]
-
-
 def error_rate(refs, hyps):
-    """(100 * total edits / total reference length, edits, length): corpus level, not the mean of
-    per-utterance rates, where a short utterance with one error would weigh as much as a long one."""
-    if len(refs) != len(hyps):
-        raise ValueError(f"error_rate: {len(refs)} references but {len(hyps)} hypotheses")
+    """(100 * total edits / total reference length, edits, length): edits are the Levenshtein distance
+    (substitutions, deletions, insertions); corpus level, not the mean of per-utterance rates, where a
+    short utterance with one error would weigh as much as a long one."""
     edits, ref_len = sum(edit_distance(r, h) for r, h in zip(refs, hyps)), sum(len(r) for r in refs)
     if ref_len == 0:
         raise ValueError("error_rate: the references are all empty (total length 0)")
@@ -381,24 +295,19 @@ def error_rate(refs, hyps):
 
 
 @torch.no_grad()
-def evaluate(probe, split, vocab, unit, device, batch_size=32):
-    """Greedy-decode a split: {"per": %, "edits", "ref_len"}, for characters also "wer", "word_edits", "ref_words"."""
+def evaluate(probe, split, device, batch_size=32):
+    """Greedy-decode a split: {"per": %, "edits", "ref_len"}."""
     probe.eval()
     hyps = []
     for k in range(0, len(split.ids), batch_size):
         x, lengths = pad_batch(split.features, range(k, min(k + batch_size, len(split.ids))), device)
         hyps.extend(greedy_decode(probe(x), lengths, blank=0))
-    result = dict(zip(("per", "edits", "ref_len"), error_rate(split.labels, hyps)))
-    if unit == "char":  # words: the decoded characters split at WORD_SEP, empty words dropped
-        ref_words = [t.upper().split() for t in split.texts]
-        hyp_words = [[w for w in "".join(vocab[i] for i in h).split(WORD_SEP) if w] for h in hyps]
-        result.update(zip(("wer", "word_edits", "ref_words"), error_rate(ref_words, hyp_words)))
     probe.train()
-    return result
+    return dict(zip(("per", "edits", "ref_len"), error_rate(split.labels, hyps)))
 
 
 # ----------------------------------------------------------------------------
-# 6. Training with dev-based selection, then the test error rate
+# 5. Training with dev-based selection, then the test error rate
 # ----------------------------------------------------------------------------
 
 
@@ -406,56 +315,47 @@ def run_probe(args):
     """The whole probe: labels, feature cache, training with dev selection, test. Returns the result dict."""
     start = time.time()
     torch.manual_seed(args.seed)
-    random.seed(args.seed)
     device = check_device(args.device)
-    lexicon = read_lexicon(args.lexicon) if args.unit == "phone" else None
-    if args.unit == "char" and args.lexicon:
-        print("note: --unit char does not use --lexicon")
-    vocab = unit_vocabulary(args.unit, lexicon)
-    splits = {name: load_split(name, getattr(args, name), args.unit, lexicon, vocab, args.skip_unknown,
-                               getattr(args, f"{name}_limit")) for name in ("train", "dev", "test")}
+    lexicon = read_lexicon(args.lexicon)
+    vocab = unit_vocabulary(lexicon)
+    splits = [load_split(name, getattr(args, name), lexicon, vocab, getattr(args, f"{name}_limit"))
+              for name in ("train", "dev", "test")]
     module, cnn_only = build_upstream(args.upstream, device, args.seed)
     print(f"upstream: {args.upstream} ({type(module).__name__}, {sum(p.numel() for p in module.parameters()) / 1e6:.2f}"
           f"M parameters{', conv front end only' if cnn_only else ''}), frozen")
     cache_bytes = 0
-    for split in splits.values():
+    for split in splits:
         cache_bytes += extract_features(module, cnn_only, split, device, args.extract_batch, args.max_cache_gb,
                                         cache_bytes)
     del module  # the probe never needs the upstream again
-    extract_seconds = time.time() - start
-    train, dev, test = splits["train"], splits["dev"], splits["test"]
+    train, dev, test = splits
     L, _, D = train.features[0][0].shape
 
-    probe = Probe(L, D, len(vocab), args.normalize, args.head_init).to(device)
+    probe = Probe(L, D, len(vocab)).to(device)
     opt = torch.optim.Adam(probe.parameters(), lr=args.lr)  # SUPERB PR: Adam, lr 1e-2, no schedule
     rng = random.Random(args.seed)  # the batch order is a function of --seed alone
-    order, pos = [], 0
-    best = {"per": float("inf"), "step": 0, "state": None}
-    history, losses, t_interval = [], [], time.time()
-    print(f"probe: {L} layers x {D} dims -> {len(vocab)} units ({args.unit}s + blank); "
+    order, best, history, losses, t_interval = [], {"per": float("inf")}, [], [], time.time()
+    print(f"probe: {L} layers x {D} dims -> {len(vocab)} units (phones + blank); "
           f"{args.steps} steps, batch {args.batch_size}, Adam lr {args.lr}, eval every {args.eval_every}")
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            dev_result = evaluate(probe, dev, vocab, args.unit, device, args.batch_size)
+            dev_result = evaluate(probe, dev, device, args.batch_size)
             if dev_result["per"] < best["per"]:  # strict: the earliest of equal states is kept
                 best = {"per": dev_result["per"], "step": step, "state": copy.deepcopy(probe.state_dict())}
             train_loss = sum(losses) / len(losses) if losses else None  # None at step 0
             ms = 1000 * (time.time() - t_interval) / max(len(losses), 1)
             print(f"step {step:>6}/{args.steps} | train ctc "
                   + (f"{train_loss:7.4f}" if train_loss is not None else "      -")
-                  + f" | dev {args.unit[0]}er {dev_result['per']:6.2f}%"
-                  + (f" wer {dev_result['wer']:6.2f}%" if "wer" in dev_result else "")
-                  + f" | best {best['per']:6.2f}% @ {best['step']} | {ms:6.1f} ms/step | {time.time() - start:7.1f} s"
-                  + f" | eta {ms * (args.steps - step) / 1000:6.0f} s", flush=True)
+                  + f" | dev per {dev_result['per']:6.2f}% | best {best['per']:6.2f}% @ {best['step']} | {ms:6.1f} "
+                  f"ms/step | {time.time() - start:7.1f} s | eta {ms * (args.steps - step) / 1000:6.0f} s", flush=True)
             history.append({"step": step, "train_loss": train_loss, **{f"dev_{k}": v for k, v in dev_result.items()}})
             losses, t_interval = [], time.time()
         if step == args.steps:
             break
-        if pos + args.batch_size > len(order):  # each epoch a fresh permutation
-            order, pos = list(range(len(train.ids))), 0
+        if len(order) < args.batch_size:  # each epoch a fresh permutation (its remainder is left out)
+            order = list(range(len(train.ids)))
             rng.shuffle(order)
-        idx = order[pos: pos + args.batch_size]
-        pos += args.batch_size
+        idx, order = order[: args.batch_size], order[args.batch_size:]
         x, lengths = pad_batch(train.features, idx, device)  # (B, L, T, D), (B,)
         loss = ctc_loss(probe(x), lengths, [train.labels[i] for i in idx])
         opt.zero_grad(set_to_none=True)
@@ -466,39 +366,22 @@ def run_probe(args):
         losses.append(loss.item())
 
     probe.load_state_dict(best["state"])  # the test error rate is that of the best dev state
-    dev_final = evaluate(probe, dev, vocab, args.unit, device, args.batch_size)
-    test_result = evaluate(probe, test, vocab, args.unit, device, args.batch_size)
-    layer_weights = probe.featurizer.weights.softmax(0).tolist()
-    result = {
-        "upstream": args.upstream, "unit": args.unit, "vocab_size": len(vocab),
-        "dev_per": dev_final["per"], "test_per": test_result["per"],  # percent; for --unit char: CER
-        "test_edits": test_result["edits"], "test_ref_len": test_result["ref_len"],
-        "best_step": best["step"], "steps": args.steps, "seconds": time.time() - start,
-        "extract_seconds": extract_seconds, "layer_weights": layer_weights, "num_layers": L, "dim": D,
-        "n_train": len(train.ids), "n_dev": len(dev.ids), "n_test": len(test.ids),
-        "skipped_unknown": {n: s.skipped_unknown for n, s in splits.items()},
-        "cache_mb": cache_bytes / 2 ** 20, "initial_dev_per": history[0]["dev_per"],
-        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "normalize": args.normalize,
-        "head_init": args.head_init, "history": history,
-    }
-    if args.unit == "char":
-        result["dev_wer"], result["wer"] = dev_final["wer"], test_result["wer"]  # "wer" = test WER
-    er = "PER" if args.unit == "phone" else "CER"
-    print(f"done: {args.upstream}: test {er} {result['test_per']:.2f}%"
-          + (f", test WER {result['wer']:.2f}%" if "wer" in result else "")
-          + f" (dev {er} {result['dev_per']:.2f}% at step {best['step']}; untrained {result['initial_dev_per']:.2f}%)"
-          f" | {len(train.ids)}/{len(dev.ids)}/{len(test.ids)} utterances | {result['seconds']:.1f} s")
-    print("layer weights: " + " ".join(f"{w:.3f}" for w in layer_weights))
+    dev_final = evaluate(probe, dev, device, args.batch_size)
+    test_result = evaluate(probe, test, device, args.batch_size)
+    result = {"upstream": args.upstream, "dev_per": dev_final["per"], "test_per": test_result["per"],  # percent
+              "best_step": best["step"], "initial_dev_per": history[0]["dev_per"], "steps": args.steps,
+              "layer_weights": probe.featurizer.weights.softmax(0).tolist(), "n_train": len(train.ids),
+              "n_dev": len(dev.ids), "n_test": len(test.ids), "seconds": time.time() - start, "history": history}
+    print(f"done: {args.upstream}: test PER {result['test_per']:.2f}% (dev PER {result['dev_per']:.2f}% at step "
+          f"{best['step']}; untrained {result['initial_dev_per']:.2f}%) | {len(train.ids)}/{len(dev.ids)}/"
+          f"{len(test.ids)} utterances | {result['seconds']:.1f} s")
+    print("layer weights: " + " ".join(f"{w:.3f}" for w in result["layer_weights"]))
     if args.out:
-        write_json(args.out, result)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
     return result
-
-
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    print(f"wrote {path}")
 
 
 def check_device(device):
@@ -508,28 +391,8 @@ def check_device(device):
 
 
 # ----------------------------------------------------------------------------
-# 7. The speed table, apart from the probe: the same batch through every row, round-robin
+# 6. The speed table, apart from the probe: the same batch through every row, round-robin
 # ----------------------------------------------------------------------------
-
-METHODS = ("distilhubert", "armhubert", "colld", "gendistiller")  # distill.py --method values
-# Dense bf16 tensor-core peaks (TFLOP/s, the vendors' data sheets) by torch.cuda.get_device_name, for MFU.
-PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.5, "NVIDIA H200": 989.4,
-               "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100-PCIE-40GB": 312.0,
-               "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA L4": 121.0}
-
-
-def step_flops(method, teacher, student, seconds):
-    """FLOPs of one distillation step on one utterance of `seconds` (model.count_macs, 2 FLOPs per MAC):
-    the teacher's forward (ARMHuBERT: a second pass without the conv front end, which the mask does not
-    touch), the student's forward and its backward (2x the forward). GenDistiller counts its cached
-    free-running forward (teacher forcing attends to a few more keys)."""
-    cfg = model.fit_to_teacher(replace(model.HUBERT_BASE, init_from_teacher=True, num_layers=teacher.num_layers),
-                               teacher)[0]
-    teacher_macs = model.count_macs(cfg, seconds, with_heads=False)
-    if method == "armhubert":
-        front_end = model.count_macs(replace(cfg, num_layers=0, target_layers=()), seconds, with_heads=False)
-        teacher_macs = 2 * teacher_macs - front_end
-    return 2 * (teacher_macs + 3 * model.count_macs(student.cfg, seconds))
 
 
 def distill_step(d_args, teacher, student, opt, wav, lengths, autocast, exact):
@@ -554,9 +417,9 @@ def distill_step(d_args, teacher, student, opt, wav, lengths, autocast, exact):
 
 
 def speed_rows(args, device, teacher, wav, lengths):
-    """[(name, fn, parameters, FLOPs or None)]: the teacher's forward, each preset's deployed forward
-    (hidden_states: distilhubert without its prediction heads, gendistiller free-running) and one
-    distillation step per method x teacher precision x compile setting, all on the same batch."""
+    """[(name, fn, parameters)]: the teacher's forward, each preset's deployed forward (hidden_states:
+    distilhubert without its prediction heads, gendistiller free-running) and one distillation step per
+    method x teacher precision x compile setting, all on the same batch."""
     amp = distill.autocast_dtype(args, device)  # the students' autocast, as distill.py
     autocast = lambda: torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)  # noqa: E731
     params = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
@@ -567,30 +430,28 @@ def speed_rows(args, device, teacher, wav, lengths):
                 net(wav, lengths)
         return fn
 
-    rows = [(f"teacher {args.teacher} forward", forward(teacher), params(teacher), None)]
+    rows = [(f"teacher {args.teacher} forward", forward(teacher), params(teacher))]
     for preset in args.presets:
         student = model.build_student(preset, teacher, copy_weights=False)[0].to(device).eval()
         rows.append((f"student {preset} forward", forward(student.hidden_states),
-                     model.count_parameters(student, with_heads=preset != "distilhubert"), None))
+                     model.count_parameters(student, with_heads=preset != "distilhubert")))
     compiled_teacher = None
-    for method in [] if args.skip_distill else args.methods:
-        for precision in args.teacher_precision:
-            for compiled in args.compile:
-                # the method's recipe ("--data synthetic" is never read: the batch is ours) and its AdamW
-                d_args = distill.parse_args(["--method", method, "--data", "synthetic", "--seed", str(args.seed)])
-                student = distill.build_student_for(d_args, teacher)[0].to(device).train()
-                t = teacher
-                if compiled == "on":  # as distill.py --compile: the student and the teacher's layers, in place
-                    student.compile()
-                    if compiled_teacher is None:
-                        compiled_teacher = copy.deepcopy(teacher)
-                        for layer in compiled_teacher.model.encoder.transformer.layers:
-                            layer.compile()
-                    t = compiled_teacher
-                opt = distill.make_optimizer(student, d_args, device)
-                rows.append((f"distill step {method}, teacher {precision}" + (", compiled" if compiled == "on" else ""),
-                             distill_step(d_args, t, student, opt, wav, lengths, autocast, exact=precision == "fp32"),
-                             params(student), args.batch * step_flops(method, teacher, student, args.seconds)))
+    for method, precision, compiled in itertools.product(args.methods, args.teacher_precision, args.compile):
+        # the method's recipe ("--data synthetic" is never read: the batch is ours) and its AdamW
+        d_args = distill.parse_args(["--method", method, "--data", "synthetic", "--seed", str(args.seed)])
+        student = distill.build_student_for(d_args, teacher)[0].to(device).train()
+        t = teacher
+        if compiled == "on":  # as distill.py --compile: the student and the teacher's layers, in place
+            student.compile()
+            if compiled_teacher is None:
+                compiled_teacher = copy.deepcopy(teacher)
+                for layer in compiled_teacher.model.encoder.transformer.layers:
+                    layer.compile()
+            t = compiled_teacher
+        opt = distill.make_optimizer(student, d_args, device)
+        rows.append((f"distill step {method}, teacher {precision}" + (", compiled" if compiled == "on" else ""),
+                     distill_step(d_args, t, student, opt, wav, lengths, autocast, exact=precision == "fp32"),
+                     params(student)))
     return rows
 
 
@@ -616,7 +477,7 @@ def run_speed(args):
     print(f"speed: batch {args.batch} x {args.seconds} s of noise on {device}, {len(rows)} rows round-robin, "
           f"{args.warmup} warm-up + {args.repeats} timed rounds", flush=True)
     peaks = {}
-    for name, fn, _, _ in rows:  # warm-up: allocation, autotuning, lazy init (and compiling)
+    for name, fn, _ in rows:  # warm-up: allocation, autotuning, lazy init (and compiling)
         if cuda:
             sync()
             torch.cuda.reset_peak_memory_stats(device)
@@ -624,54 +485,39 @@ def run_speed(args):
             fn()
         sync()
         if cuda and args.warmup:
-            peaks[name] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    wall, cpu = {name: [] for name, *_ in rows}, {name: [] for name, *_ in rows}
+            peaks[name] = f"{torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f}"
+    wall = {name: [] for name, _, _ in rows}  # ms per round
     for r in range(args.repeats):
-        for name, fn, _, _ in rows:
+        for name, fn, _ in rows:
             sync()
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0 = time.perf_counter()
             fn()
             sync()  # kernels are asynchronous: wait before reading the clock
             wall[name].append(1000 * (time.perf_counter() - t0))
-            cpu[name].append(1000 * (time.process_time() - c0))
         print(f"  round {r + 1}/{args.repeats}: " + ", ".join(f"{w[-1]:.0f}" for w in wall.values()) + " ms",
               flush=True)
-    gpu = torch.cuda.get_device_name(device) if cuda else "a CPU"
-    peak = args.peak_tflops or PEAK_TFLOPS.get(gpu)
-    table = []
-    for name, _, n_params, flops in rows:
-        ms = statistics.median(wall[name])
-        table.append({"model": name, "params_m": n_params / 1e6, "ms": ms, "ms_min": min(wall[name]),
-                      "ms_max": max(wall[name]), "cpu_ms": statistics.median(cpu[name]),
-                      "audio_s_per_s": args.batch * args.seconds / (ms / 1000),
-                      "x_teacher": statistics.median(w / t for w, t in zip(wall[name], wall[rows[0][0]])),
-                      "peak_mem_mb": peaks.get(name),
-                      "mfu": flops / (ms / 1000) / (peak * 1e12) if flops and peak else None})
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
-    head = ["model", "params (M)", "ms (median)", "ms min–max", "CPU ms", "audio s / s", "x teacher fwd", "MFU"]
-    lines = ["| " + " | ".join(head + ["peak CUDA mem (MB)"] * cuda) + " |", "|---|" + "---:|" * (len(head) - 1 + cuda)]
+    teacher_ms = wall[rows[0][0]]
+    table = [{"model": name, "params_m": n / 1e6, "ms": statistics.median(wall[name]), "wall_ms": wall[name],
+              "x_teacher": statistics.median(w / t for w, t in zip(wall[name], teacher_ms)),
+              "peak_mem_mb": peaks.get(name, "-")} for name, _, n in rows]
+    head = ["model", "params (M)", "ms (median)", "ms min–max", "audio s / s", "x teacher fwd", "peak CUDA mem (MB)"]
+    lines = ["| " + " | ".join(head[: 6 + cuda]) + " |", "|---|" + "---:|" * (5 + cuda)]  # the last: GPU only
     for r in table:
-        cells = [r["model"], f"{r['params_m']:.2f}", f"{r['ms']:.1f}", f"{r['ms_min']:.0f}–{r['ms_max']:.0f}",
-                 f"{r['cpu_ms']:.0f}", f"{r['audio_s_per_s']:.1f}", f"{r['x_teacher']:.2f}",
-                 "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"]
-        cells += ["-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"] * cuda
-        lines.append("| " + " | ".join(cells) + " |")
-    source = "--peak_tflops" if args.peak_tflops else f"{gpu}: dense bf16" if peak else f"{gpu}: pass --peak_tflops"
+        w = r["wall_ms"]
+        cells = [r["model"], f"{r['params_m']:.2f}", f"{r['ms']:.1f}", f"{min(w):.0f}–{max(w):.0f}",
+                 f"{args.batch * args.seconds * 1000 / r['ms']:.1f}", f"{r['x_teacher']:.2f}", r["peak_mem_mb"]]
+        lines.append("| " + " | ".join(cells[: 6 + cuda]) + " |")
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
     print(f"\nBatch {args.batch} x {args.seconds} s, {device}, {torch.get_num_threads()} threads, median of "
           f"{args.repeats} round-robin rounds; teacher {args.teacher} (random weights unless loaded: timing does "
           "not need trained ones).\n" + "\n".join(lines)
-          + f"\nMFU (distillation steps): FLOPs from the MAC counts (eval.step_flops) / time / peak ({source})."
-          "\nx teacher fwd: median over rounds of (row time / teacher time in the same round). CPU ms: process "
-          "CPU time (all threads)." + ("" if cuda else f" Peak RSS of the process (all rows): {rss_mb:.0f} MB."))
-    if args.out:
-        write_json(args.out, {"device": str(device), "batch": args.batch, "seconds": args.seconds,
-                              "repeats": args.repeats, "teacher": args.teacher, "threads": torch.get_num_threads(),
-                              "peak_rss_mb": rss_mb, "rows": table, "wall_ms": wall, "cpu_ms": cpu})
+          + "\nx teacher fwd: median over rounds of (row time / teacher time in the same round)."
+          + ("" if cuda else f" Peak RSS of the process (all rows): {rss_mb:.0f} MB."))
     return table
 
 
 # ----------------------------------------------------------------------------
-# 8. Command line: `probe` (sections 1-6) and `speed` (section 7)
+# 7. Command line: `probe` (sections 1-5) and `speed` (section 6)
 # ----------------------------------------------------------------------------
 
 
@@ -685,74 +531,52 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     p = Parser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    pr = sub.add_parser("probe", help="SUPERB-style CTC probe on a frozen upstream (defaults: SUPERB PR, "
-                        "s3prl libriphone.yaml, except the steps)")
+    pr = sub.add_parser("probe", help="SUPERB-style phoneme-recognition probe on a frozen upstream (defaults: "
+                        "SUPERB PR, s3prl libriphone.yaml, except the steps)")
     pr.add_argument("--upstream", required=True, help="distill.py checkpoint | tiny | bundle name | teacher file | "
-                    "random:NAME | random:PRESET[:TEACHER] | random:CKPT | cnn:UPSTREAM (see eval.py section 2)")
-    for name, role in (("train", "(*/*/*.flac + *.trans.txt) to train the probe on"),
-                       ("dev", "to pick the best probe state"), ("test", "for the final error rate")):
+                    "random:NAME | cnn:UPSTREAM (see eval.py section 2)")
+    for name, role in (("train", "to train the probe on"), ("dev", "to pick the best probe state"),
+                       ("test", "for the final error rate")):
         pr.add_argument(f"--{name}", required=True, help=f"directory in LibriSpeech layout {role}")
         pr.add_argument(f"--{name}_limit", type=distill.at_least(0), default=0,
                         help="only the first N utterances by id (0 = all): the feature cache must fit in memory")
-    pr.add_argument("--lexicon", help="'WORD ph ph ...' per line, first pronunciation wins (for --unit phone)")
-    pr.add_argument("--unit", choices=("phone", "char"), default="phone",
-                    help="phone: PER via the lexicon; char: letters + '|' between words, reports CER and WER")
-    pr.add_argument("--skip-unknown", "--skip_unknown", dest="skip_unknown", action="store_true",
-                    help="leave out (and count) utterances with a word missing from the lexicon instead of failing")
+    pr.add_argument("--lexicon", required=True, help="'WORD ph ph ...' per line, the first pronunciation wins")
     pr.add_argument("--steps", type=distill.at_least(1), default=2000, help="training steps (SUPERB: 100k)")
-    pr.add_argument("--eval_every", "--eval-every", dest="eval_every", type=distill.at_least(1), default=200,
-                    help="evaluate on dev every N steps, keep the best state (SUPERB: 1000)")
+    pr.add_argument("--eval_every", type=distill.at_least(1), default=200, help="dev evaluations (SUPERB: 1000)")
     pr.add_argument("--batch_size", type=distill.at_least(1), default=32, help="utterances per step (SUPERB: 16 x 2)")
     pr.add_argument("--lr", type=distill.positive, default=1e-2, help="Adam learning rate")
     pr.add_argument("--clip", type=distill.non_negative, default=1.0, help="gradient-norm clipping, 0 = off")
-    pr.add_argument("--normalize", action="store_true", help="LayerNorm (no affine) on each layer before the sum")
-    pr.add_argument("--head_init", choices=("zero", "random"), default="zero",
-                    help="zero: uniform output at the start (choice); random: PyTorch's default (SUPERB)")
     pr.add_argument("--extract_batch", type=distill.at_least(1), default=8, help="utterances per upstream forward")
     pr.add_argument("--max_cache_gb", type=distill.positive, default=16.0,
                     help="stop with an error when the float16 feature cache of all splits passes this many GiB")
+    pr.add_argument("--out", help="also write the result as JSON here")
 
     sp = sub.add_parser("speed", help="time the teacher, the students and a distillation step per method")
-    sp.add_argument("--teacher", default="random:hubert_base", help="tiny | bundle name | teacher file | "
-                    "random:NAME (default: HuBERT Base's size with random weights: timing needs no trained ones)")
-    sp.add_argument("--presets", nargs="+", default=list(model.PRESETS), choices=list(model.PRESETS),
-                    help="student presets to time (each fitted to the teacher)")
+    sp.add_argument("--teacher", default="random:hubert_base", help="tiny | bundle name | teacher file | random:NAME")
+    sp.add_argument("--presets", nargs="+", default=list(model.PRESETS), choices=list(model.PRESETS))
     one_frame = data.MIN_SAMPLES / data.SAMPLE_RATE
     sp.add_argument("--seconds", type=distill.ranged(float, lambda v: v >= one_frame, f">= {one_frame} (one frame)"),
                     default=4.0, help="seconds of audio per utterance")
     sp.add_argument("--batch", type=distill.at_least(1), default=8, help="utterances per batch")
     sp.add_argument("--repeats", type=distill.at_least(1), default=5, help="timed rounds, each running every row once")
-    sp.add_argument("--warmup", type=distill.at_least(0), default=1,
-                    help="untimed runs of each row first (on a GPU, their peak is the row's memory)")
-    sp.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                    help="distill.py methods to time one training step of (with the method's default preset)")
-    sp.add_argument("--skip_distill", action="store_true", help="do not time distillation steps")
+    sp.add_argument("--warmup", type=distill.at_least(0), default=1, help="untimed runs of each row first")
+    sp.add_argument("--methods", nargs="*", default=list(distill.METHODS), choices=list(distill.METHODS),
+                    help="distill.py methods to time one training step of (none: no distillation rows)")
     sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="student autocast as in distill.py: auto = bf16 on GPUs that support it, fp32 on CPU")
     sp.add_argument("--teacher_precision", nargs="+", default=["fp32"], choices=["fp32", "auto"],
                     help="distillation rows for each: the teacher in fp32 or under the student's autocast")
     sp.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
                     help="distillation rows for each: eager, or torch.compile'd as distill.py --compile")
-    sp.add_argument("--peak_tflops", type=distill.positive,
-                    help="the device's peak TFLOP/s for the MFU column (default: dense bf16 of a known GPU)")
     for q in (pr, sp):
         q.add_argument("--seed", type=distill.at_least(0), default=0, help="seed (probe, random weights, audio)")
         q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
         q.add_argument("--threads", type=distill.at_least(0), default=0, help="CPU threads for torch (0 = its default)")
-        q.add_argument("--out", help="also write the result as JSON here")
     return p
 
 
-def parse_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    if args.command == "probe" and args.unit == "phone" and not args.lexicon:
-        p.error("--unit phone needs --lexicon FILE")
-    return args
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.threads > 0:
         # note: with more threads than free cores, OpenMP workers spin and wait on each other;
         # small ops (the probe's) can then run tens of times slower than on one thread

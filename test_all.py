@@ -133,10 +133,11 @@ def test_scan_collects_every_format_and_reports_resampling_and_downmixing(tmp_pa
     sf.write(str(tmp_path / "c.flac"), np.stack([_tone(88200, 44100)] * 2, axis=1), 44100)  # 2 s stereo
     sf.write(str(tmp_path / "d.ogg"), _tone(16000, 16000), 16000, format="OGG", subtype="VORBIS")
     items, report = data.scan_audio(str(tmp_path))
-    assert sorted(os.path.basename(p) for p, _ in items) == ["a.flac", "b.wav", "c.flac", "d.ogg"] and not report
+    assert [(os.path.basename(p), n) for p, n in items] == [("a.flac", 16000), ("b.wav", 16000), ("c.flac", 32000),
+                                                            ("d.ogg", 16000)] and not report
     printed = capsys.readouterr().out
-    assert "2 file(s) resampled to 16 kHz (from 22050 Hz: 1, 44100 Hz: 1), 1 averaged to mono" in printed
-    assert "longest utterance 2.0 s" in printed and "c.flac" in printed
+    assert "4 usable audio files, no bad files" in printed and "longest utterance 2.0 s" in printed
+    assert "c.flac" in printed
 
 
 def test_load_audio_errors_name_the_file(tmp_path):
@@ -286,9 +287,6 @@ def test_sampler_budget_coverage_and_shuffle():
     assert sorted(map(tuple, orders[0])) == sorted(map(tuple, orders[1]))  # same batches
     s.set_epoch(1)
     assert [[i for _, i in b] for b in s] == orders[1]  # reproducible
-    capped = data.LengthBucketSampler(lengths, max_batch_samples=budget, max_batch_size=3)
-    assert max(len(b) for b in capped.batches) == 3
-    assert sorted(i for b in capped.batches for i in b) == list(range(len(lengths)))
 
 
 def test_sampler_orders_cropped_utterances_by_their_full_length():
@@ -335,14 +333,6 @@ def test_sampler_ranks_split_equally_and_cover_everything(world_size):
     assert sorted({i for b in every for i in b}) == list(range(len(lengths)))  # everything covered
     # only the padding batches repeat
     assert len(every) - len(set(every)) == len(every) - num_batches
-    # drop_last: disjoint shares, the tail left out
-    kept = []
-    for rank in range(world_size):
-        s = data.LengthBucketSampler(lengths, budget, seed=2, rank=rank, world_size=world_size, drop_last=True)
-        s.set_epoch(4)
-        kept += [tuple(i for _, i in b) for b in s]
-        assert len(s) == num_batches // world_size
-    assert len(kept) == len(set(kept)) == num_batches // world_size * world_size
 
 
 def test_collate_pads_with_zeros():
@@ -492,10 +482,12 @@ def test_mask_share_matches_the_official_batches_within_005():
     rng = np.random.default_rng(0)
     seconds = np.clip(rng.gamma(4.0, 12.3 / 4.0, 6000), 1.5, 35.0)  # mean ~12.3 s, like LibriSpeech
     frames = [data.frame_count(int(s * 16000), [(1, 400, 320)]) for s in seconds]
-    ours = data.LengthBucketSampler([int(s * 16000) for s in seconds], 221 * 16000, seed=0)
-    official = data.LengthBucketSampler([int(s * 16000) for s in seconds], 10 ** 9, seed=0, max_batch_size=18)
+    samples = [int(s * 16000) for s in seconds]
+    ours = data.LengthBucketSampler(samples, 221 * 16000, seed=0)
+    by_length = sorted(range(len(samples)), key=lambda i: samples[i])
+    official = [by_length[k : k + 18] for k in range(0, len(by_length), 18)]  # 18 utterances of similar length
     ours_b = [[frames[i] for i in b] for b in ours.batches][::3]
-    official_b = [[frames[i] for i in b] for b in official.batches][::3]
+    official_b = [[frames[i] for i in b] for b in official][::3]
     reference = _mask_share(official_b, None, rng)  # fairseq semantics on the official batches
     grouped = _mask_share(ours_b, 18, rng)
     whole = _mask_share(ours_b, None, rng)
@@ -2931,9 +2923,10 @@ def test_eval_probe_with_a_file_that_is_no_upstream_is_one_line(tmp_path):
     corpus.mkdir(parents=True)
     sf.write(str(corpus / "1-0-0000.flac"), np.zeros(16000, np.float32), 16000)
     (corpus / "1-0.trans.txt").write_text("1-0-0000 HELLO\n")
+    (tmp_path / "lex.txt").write_text("HELLO HH AH L OW\n")
     c = str(tmp_path / "c")
     proc = subprocess.run([sys.executable, "eval.py", "probe", "--upstream", str(tmp_path / "j.json"), "--train",
-                           c, "--dev", c, "--test", c, "--unit", "char"],
+                           c, "--dev", c, "--test", c, "--lexicon", str(tmp_path / "lex.txt")],
                           cwd=_DT_DIR, capture_output=True, text=True, timeout=120)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("eval.py: error: "), proc.stderr[-2000:]
@@ -3283,16 +3276,12 @@ def test_weighted_sum_featurizer():
     assert torch.allclose(f(layers), (w[None, :, None, None] * layers).sum(1), atol=1e-6)
     f(layers).pow(2).sum().backward()
     assert f.weights.grad is not None and f.weights.grad.abs().sum() > 0  # gradient reaches the weights
-    # normalize: each layer standardised over D before the sum
-    g = ev.WeightedSum(5, normalize=True)
-    expected = torch.nn.functional.layer_norm(layers, (3,)).mean(1)
-    assert torch.allclose(g(layers), expected, atol=1e-6)
-    assert torch.allclose(g(layers * 10 + 3), expected, atol=1e-2)  # per-layer scale and offset removed
 
 
 def test_probe_gradient_through_ctc():
     torch.manual_seed(0)
-    p = ev.Probe(3, 4, 5, head_init="random")  # a zero head passes no gradient to the layer weights yet
+    p = ev.Probe(3, 4, 5)
+    torch.nn.init.normal_(p.head.weight)  # the zero head would pass no gradient to the layer weights yet
     x = torch.randn(2, 3, 10, 4)
     loss = ev.ctc_loss(p(x), torch.tensor([10, 6]), [[1, 2, 3], [4]])
     loss.backward()
@@ -3306,21 +3295,14 @@ def test_lexicon_first_pronunciation_wins(tmp_path):
     path.write_text(";;; a comment\nhello HH AH L OW\nHELLO HH EH L OW\n\nworld\tW ER L D\n")
     lex = ev.read_lexicon(str(path))
     assert lex == {"HELLO": ["HH", "AH", "L", "OW"], "WORLD": ["W", "ER", "L", "D"]}
-    assert ev.text_to_units("Hello world", "phone", lex) == ["HH", "AH", "L", "OW", "W", "ER", "L", "D"]
-    assert ev.unit_vocabulary("phone", lex) == ["<blank>", "AH", "D", "ER", "HH", "L", "OW", "W"]
-    with pytest.raises(ev.UnknownWord, match="'GOODBYE'.*utt-1"):
-        ev.text_to_units("hello goodbye", "phone", lex, where="utt-1")
+    assert ev.text_to_units("Hello world", lex) == ["HH", "AH", "L", "OW", "W", "ER", "L", "D"]
+    assert ev.unit_vocabulary(lex) == ["<blank>", "AH", "D", "ER", "HH", "L", "OW", "W"]
+    with pytest.raises(ValueError, match="'GOODBYE'.*utt-1"):
+        ev.text_to_units("hello goodbye", lex, where="utt-1")
     bad = tmp_path / "bad.txt"
     bad.write_text("HELLO HH AH\nLONELY\n")
     with pytest.raises(ValueError, match=r"bad.txt:2.*LONELY"):
         ev.read_lexicon(str(bad))
-
-
-def test_char_units():
-    assert ev.text_to_units("an apple's", "char") == list("AN|APPLE'S")
-    assert ev.unit_vocabulary("char")[:3] == ["<blank>", "|", "A"] and len(ev.unit_vocabulary("char")) == 29
-    with pytest.raises(ValueError, match="'1' in word 'ROOM101'"):
-        ev.text_to_units("room101", "char")
 
 
 def test_load_split_unknown_words_and_missing_audio(tmp_path):
@@ -3330,20 +3312,22 @@ def test_load_split_unknown_words_and_missing_audio(tmp_path):
     lines[1] = lines[1].split()[0] + " ah zebra"  # one utterance with a word the lexicon lacks
     open(trans, "w").write("\n".join(lines) + "\n")
     lex = {"AH": ["a"], "EE": ["i"], "SS": ["s"]}
-    vocab = ev.unit_vocabulary("phone", lex)
-    with pytest.raises(ev.UnknownWord, match="'ZEBRA'.*11-105-0001.*trans.txt"):
-        ev.load_split("train", str(tmp_path / "s"), "phone", lex, vocab)
-    split = ev.load_split("train", str(tmp_path / "s"), "phone", lex, vocab, skip_unknown=True)
-    assert split.skipped_unknown == 1 and len(split.ids) == 3 and "11-105-0001" not in split.ids
+    vocab = ev.unit_vocabulary(lex)
+    with pytest.raises(ValueError, match="'ZEBRA'.*11-105-0001.*trans.txt.*not in the lexicon"):
+        ev.load_split("train", str(tmp_path / "s"), lex, vocab)
+    lex["ZEBRA"] = ["z", "b"]
+    vocab = ev.unit_vocabulary(lex)
+    split = ev.load_split("train", str(tmp_path / "s"), lex, vocab)
+    assert split.ids == [f"11-105-{i:04d}" for i in range(4)] and split.labels[1] == [1, 5, 2]  # a z b of <blank> a b i s z
     # a transcript line without its audio file is an error naming the utterance
     os.remove(os.path.join(folder, "11-105-0002.flac"))
     with pytest.raises(FileNotFoundError, match="11-105-0002"):
-        ev.load_split("train", str(tmp_path / "s"), "phone", lex, vocab, skip_unknown=True)
+        ev.load_split("train", str(tmp_path / "s"), lex, vocab)
     # an empty transcript is an error naming the file and line
     lines[3] = lines[3].split()[0]
     open(trans, "w").write("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="trans.txt:4"):
-        ev.load_split("train", str(tmp_path / "s"), "phone", lex, vocab, skip_unknown=True)
+        ev.load_split("train", str(tmp_path / "s"), lex, vocab)
 
 
 # ----------------------------------------------------------------------------- upstreams
@@ -3355,19 +3339,22 @@ def test_upstream_specs(tmp_path):
     assert not any(p.requires_grad for p in teacher.parameters())  # frozen
     conv, cnn_only = ev.build_upstream("cnn:tiny")
     assert cnn_only and conv.cnn_features(wav, lengths)[0].shape == (2, 24, 32)
-    # random:PRESET:TEACHER, seeded; random:CKPT has the checkpoint's config and fresh weights
-    s1, _ = ev.build_upstream("random:distilhubert:tiny", seed=1)
-    s2, _ = ev.build_upstream("random:distilhubert:tiny", seed=1)
-    assert all(torch.equal(a, b) for a, b in zip(s1.state_dict().values(), s2.state_dict().values()))
+    # random:NAME: random weights, seeded
+    r1, r2, r3 = (ev.build_upstream("random:tiny", seed=s)[0] for s in (1, 1, 2))
+    assert isinstance(r1, model.Teacher) and r1.hidden_states(wav, lengths)[0][0].shape == (2, 24, 48)
+    assert all(torch.equal(a, b) for a, b in zip(r1.state_dict().values(), r2.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(r1.state_dict().values(), r3.state_dict().values()))
+    # a distill.py checkpoint: its student, with its weights
+    s1, _ = model.build_student("distilhubert", teacher, copy_weights=False)
     ckpt = tmp_path / "student.pt"
     torch.save({"config": model.config_to_dict(s1.cfg), "student": s1.state_dict()}, ckpt)
-    weight = "front_end.feature_proj.weight"
     loaded, _ = ev.build_upstream(str(ckpt))
-    assert torch.equal(loaded.state_dict()[weight], s1.state_dict()[weight])
-    fresh, _ = ev.build_upstream(f"random:{ckpt}", seed=7)
-    assert fresh.cfg == s1.cfg and not torch.equal(fresh.state_dict()[weight], s1.state_dict()[weight])
+    assert loaded.cfg == s1.cfg and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                                           s1.state_dict().values()))
     with pytest.raises(ValueError, match="--upstream nonsense"):
         ev.build_upstream("nonsense")
+    with pytest.raises(ValueError, match="--upstream random:nonsense: not a teacher bundle name"):
+        ev.build_upstream("random:nonsense")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -3377,9 +3364,9 @@ def test_probe_learns_tiny_task(corpus, tmp_path):
     result = ev.main(probe_argv(corpus, out, "--steps", "200", "--eval_every", "25"))
     saved = json.loads(out.read_text())
     for key in ("upstream", "layer_weights", "dev_per", "test_per", "steps", "seconds", "n_train", "n_dev",
-                "n_test", "unit", "best_step", "initial_dev_per"):
+                "n_test", "best_step", "initial_dev_per", "history"):
         assert key in saved, key
-    assert saved["n_train"] == 24 and saved["n_dev"] == 8 and saved["n_test"] == 8 and saved["unit"] == "phone"
+    assert saved["n_train"] == 24 and saved["n_dev"] == 8 and saved["n_test"] == 8
     assert sum(saved["layer_weights"]) == pytest.approx(1.0) and len(saved["layer_weights"]) == 12
     # the untrained (zero) head emits nothing: PER exactly 100 %; the trained probe must be far below
     assert result["initial_dev_per"] == 100.0  # zero head: emits nothing, every phone deleted
@@ -3388,19 +3375,17 @@ def test_probe_learns_tiny_task(corpus, tmp_path):
     assert result["seconds"] < 30
 
 
-def test_probe_char_unit_reports_wer(corpus, tmp_path):
+def test_probe_on_the_conv_floor_has_one_layer(corpus, tmp_path):
     out = tmp_path / "c.json"
-    result = ev.main(probe_argv(corpus, out, "--unit", "char", "--steps", "10", "--eval_every", "5",
-                                "--upstream", "cnn:tiny"))
+    result = ev.main(probe_argv(corpus, out, "--steps", "10", "--eval_every", "5", "--upstream", "cnn:tiny"))
     saved = json.loads(out.read_text())
-    assert saved["unit"] == "char" and "wer" in saved and "dev_wer" in saved and saved["vocab_size"] == 29
-    assert saved["upstream"] == "cnn:tiny" and len(saved["layer_weights"]) == 1
-    assert result["wer"] >= 0
+    assert saved["upstream"] == "cnn:tiny" and saved["layer_weights"] == [1.0]
+    assert [h["step"] for h in saved["history"]] == [0, 5, 10] and 0 <= result["test_per"]
 
 
 def test_probe_flag_errors(corpus, tmp_path):
-    with pytest.raises(SystemExit):  # --unit phone without --lexicon
-        ev.parse_args(["probe", "--upstream", "tiny", "--train", "a", "--dev", "b", "--test", "c"])
+    with pytest.raises(SystemExit):  # without --lexicon
+        ev.build_parser().parse_args(["probe", "--upstream", "tiny", "--train", "a", "--dev", "b", "--test", "c"])
     with pytest.raises(FileNotFoundError, match="--dev"):
         ev.main(probe_argv(corpus, tmp_path / "x.json", "--dev", str(tmp_path / "nowhere")))
 
@@ -3410,14 +3395,13 @@ _EV_BAD_FLAGS = [(_EV_PROBE, [f"--{name}", value]) for name, value in [
     ("steps", "0"), ("eval_every", "0"), ("batch_size", "0"), ("extract_batch", "0"), ("train_limit", "-1"),
     ("dev_limit", "-1"), ("test_limit", "-1"), ("lr", "0"), ("lr", "nan"), ("clip", "-1"), ("max_cache_gb", "0"),
     ("seed", "-1"), ("threads", "-1")]] + [(["speed"], [f"--{name}", value]) for name, value in [
-    ("seconds", "0.01"), ("batch", "0"), ("repeats", "0"), ("warmup", "-1"), ("seed", "-1"), ("threads", "-2"),
-    ("peak_tflops", "0")]]
+    ("seconds", "0.01"), ("batch", "0"), ("repeats", "0"), ("warmup", "-1"), ("seed", "-1"), ("threads", "-2")]]
 
 
 @pytest.mark.parametrize("base,flag", _EV_BAD_FLAGS, ids=[" ".join(b[:1] + f) for b, f in _EV_BAD_FLAGS])
 def test_eval_every_numeric_flag_is_checked_when_parsed(base, flag, capsys):
     with pytest.raises(SystemExit) as e:
-        ev.parse_args(base + flag)
+        ev.build_parser().parse_args(base + flag)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag[0] in err[0] and "expected" in err[0] and f"got {flag[1]}" in err[0], err
@@ -3430,26 +3414,22 @@ def test_eval_every_numeric_flag_has_a_range_and_a_test():
     assert {(b[0], f[0][2:]) for b, f in _EV_BAD_FLAGS} >= set(typed)
 
 
-def test_speed_prints_table(capsys, tmp_path):
-    out = tmp_path / "speed.json"
+def test_speed_prints_table(capsys):
     rows = ev.main(["speed", "--teacher", "tiny", "--seconds", "0.5", "--batch", "2", "--repeats", "2",
                     "--presets", "distilhubert", "maskhubert", "--methods", "distilhubert", "--threads", "1",
-                    "--teacher_precision", "fp32", "auto", "--peak_tflops", "0.5", "--out", str(out)])
+                    "--teacher_precision", "fp32", "auto"])
     text = capsys.readouterr().out
-    assert "| model | params (M) | ms (median) |" in text and "|---|" in text
+    assert "| model | params (M) | ms (median) | ms min–max | audio s / s | x teacher fwd |\n" in text
     names = [r["model"] for r in rows]
     assert names[0].startswith("teacher tiny") and "student distilhubert forward" in names
-    assert rows[0]["x_teacher"] == 1.0 and all(r["ms"] > 0 and r["cpu_ms"] > 0 for r in rows)
-    saved = json.loads(out.read_text())
-    assert len(saved["rows"]) == len(rows)
+    assert rows[0]["x_teacher"] == 1.0 and all(r["ms"] > 0 for r in rows)
+    assert sum(line.startswith("| ") for line in text.splitlines()) == len(rows) + 1  # the header and a row each
     steps = [r for r in rows if r["model"].startswith("distill step distilhubert")]
     assert [r["model"] for r in steps] == [f"distill step distilhubert, teacher {p}" for p in ("fp32", "auto")]
-    # MFU = the step's FLOPs from the MAC counts / time / the given peak; forwards have none
-    assert all(0 < r["mfu"] < 1 for r in steps) and rows[0]["mfu"] is None and "MFU" in text
     # round-robin: every row has one time per round, and x_teacher is the median of per-round ratios
-    assert all(len(v) == 2 for v in saved["wall_ms"].values())
+    assert all(len(r["wall_ms"]) == 2 for r in rows)
     for r in rows:
-        ratios = [w / t for w, t in zip(saved["wall_ms"][r["model"]], saved["wall_ms"][names[0]])]
+        ratios = [w / t for w, t in zip(r["wall_ms"], rows[0]["wall_ms"])]
         assert abs(r["x_teacher"] - sum(ratios) / 2) < 1e-9
     # on a CPU, one peak memory figure: the process's peak RSS
-    assert all(r["peak_mem_mb"] is None for r in rows) and saved["peak_rss_mb"] > 100 and "Peak RSS" in text
+    assert "peak CUDA mem" not in text and "Peak RSS" in text
