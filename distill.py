@@ -1,15 +1,13 @@
 """Distil a frozen speech SSL teacher into a compact student: the papers' recipes, one step per method, the loop.
 
-Read top to bottom:
-  1. the recipes: each paper's optimizer, schedule, batch and masking, the defaults of the flags below
-  2. one step per method, chosen from METHODS: its teacher passes, its mask, its loss (losses.py)
+  1. recipes: each paper's optimizer, schedule, batch and masking, the defaults of the flags
+  2. one step per method (METHODS): its teacher passes, its mask, its loss (losses.py)
        DistilHuBERT       Chang et al., arXiv 2110.01900; s3prl's distiller
        ARMHuBERT          Jang et al., Recycle-and-Distill, arXiv 2305.11685; official code sungnyun/ARMHuBERT
        CoLLD              Chang et al., arXiv 2309.07707; its design as USAD describes it (arXiv 2506.18843, Sec. III)
        GenDistiller       Gao et al., arXiv 2310.13418 and 2406.09444
-  3. the loop, in the order it runs: setup, resume, then per step: lr, accum micro-batches (teacher without grad,
-     student under autocast), clip, optimizer step; progress lines, validation, checkpoints. It runs alone or under
-     torchrun (DDP) and never branches on the method.
+  3. the loop: setup, resume, steps (lr, accum micro-batches, clip, optimizer step), progress lines, validation,
+     checkpoints; alone or under torchrun (DDP), never branching on the method
   4. checkpoints: atomic writes, exact resume, one run per folder
   5. the command line: recipe defaults, grouped flags, --FIELD=VALUE student overrides
 
@@ -21,6 +19,7 @@ Examples:
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import gc
 import glob
 import json
@@ -28,7 +27,6 @@ import math
 import os
 import re
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -47,8 +45,8 @@ import model
 # 1. Recipes: the papers' settings, the defaults of every flag
 # ----------------------------------------------------------------------------
 
-# LibriSpeech 960 h: 281,241 utterances, 12.3 s on average. Batches are given in seconds of
-# audio per process and micro-step (--batch_seconds); utterance counts convert with 12.3 s.
+# LibriSpeech 960 h: 281,241 utterances, 12.3 s on average. Batches are given in seconds of audio per process and
+# micro-step (--batch_seconds); utterance counts convert with 12.3 s.
 @dataclass
 class Recipe:
     student: str  # default preset
@@ -62,42 +60,40 @@ class Recipe:
     batch_seconds: float  # audio per process per micro-step
     accum: int  # micro-steps per optimizer step
     mask_prob: float  # 0 = the student never sees masked input
-    mask_type: str = "uniform"
     max_seconds: Optional[float] = None  # random crop of longer utterances (None: whole utterances)
-    # pre-LN teachers: does the last target include the encoder's final LayerNorm? (no-op for post-LN)
-    teacher_final_norm: bool = False
-    # the teacher's precision on GPUs: "fp32" (autocast off around it, matmuls in TF32) or "auto" (under
-    # the student's autocast, bf16/fp16); on a CPU both are float32 unless --precision bf16/fp16
+    teacher_final_norm: bool = False  # pre-LN teachers: the last target includes the final LayerNorm
+    # on GPUs: "fp32" (autocast off around the teacher, matmuls in TF32) or "auto" (under the student's autocast);
+    # on a CPU both are float32 unless --precision bf16/fp16
     teacher_precision: str = "fp32"
-    # what of each teacher block is the target: "block" (its output) or "ffn" (its FFN feature before
-    # the last residual addition, model.teacher_block)
-    target_point: str = "block"
+    target_point: str = "block"  # of each teacher block: "block" (its output) or "ffn" (model.teacher_block)
     source: str = ""
 
 
 RECIPES = {
     # DistilHuBERT paper: batch 24 utterances (~295 s), 200k steps, lr 2e-4, 7 % warm-up, clip 5.
-    # Teacher in float32: s3prl switches autocast off around it (pretrain_expert.py), on a PyTorch whose
-    # float32 matmuls ran as TF32 on Ampere GPUs by default (setup_distributed enables TF32 likewise).
-    # Weight decay 0.01: s3prl's distiller builds its AdamW with AdamW_with_schedule's parameter groups,
-    # 0.01 on every parameter whose name lacks "bias" (as ARMHuBERT's below; see param_groups).
-    # s3prl crops utterances to 250,000 samples (15.625 s, pretrain/distiller config sequence_length)
-    # and reads teacher layers as its HuBERT upstream's hidden_states, whose last entry is the
-    # encoder output, after the final LayerNorm of a pre-LN teacher.
+    # Teacher in float32: s3prl switches autocast off around it (pretrain_expert.py), on a PyTorch whose float32
+    # matmuls ran as TF32 on Ampere GPUs by default (setup_distributed enables TF32 likewise).
+    # Weight decay 0.01: s3prl's distiller builds its AdamW with AdamW_with_schedule's parameter groups, 0.01 on
+    # every parameter whose name lacks "bias" (as ARMHuBERT's below; see param_groups).
+    # s3prl crops utterances to 250,000 samples (15.625 s, pretrain/distiller config sequence_length) and reads
+    # teacher layers as its HuBERT upstream's hidden_states, whose last entry is the encoder output, after the
+    # final LayerNorm of a pre-LN teacher.
     "distilhubert": Recipe("distilhubert", 2e-4, (0.9, 0.98), 1e-6, 0.01, 0.07, 5.0, 200_000, 295.0, 1, 0.0,
                            max_seconds=15.625, teacher_final_norm=True, source="DistilHuBERT paper / s3prl config"),
     # ARMHuBERT (Recycle-and-Distill, official armhubert-960.yaml): 144 utterances per update (~1770 s)
     # = 18 per GPU x 2 GPUs x accumulation 4, here 8 micro-steps of ~221 s; 200 epochs = 1953 updates x 200.
-    # Weight decay: the yaml says 1e-6, but s3prl's AdamW_with_schedule overrides it in its two
-    # parameter groups: 0.01 on every parameter whose name lacks "bias" (see param_groups), 0 on biases.
+    # Weight decay: the yaml says 1e-6, but s3prl's AdamW_with_schedule overrides it in its two parameter groups:
+    # 0.01 on every parameter whose name lacks "bias" (see param_groups), 0 on biases.
     # choice: clip 10.0 (fairseq's HuBERT value; the official config states none).
+    # Masking: fairseq's compute_mask_indices as the official config sets it: p 0.8, span lengths uniform in
+    # 0..2 x 10, at least 2 spans, no overlap, 1 frame between spans (draw_mask).
     # Targets: forward hooks on the teacher's layers, i.e. block outputs without a final LayerNorm.
     # Teacher under autocast: the official Lightning run (precision=16) wraps the teacher like the student.
     "armhubert": Recipe("armhubert", 5e-3, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 390_600, 221.0, 8, 0.8,
                         teacher_precision="auto", source="Recycle-and-Distill paper + official armhubert-960.yaml"),
-    # CoLLD: no public recipe. Its targets are the teacher's FFN features (USAD, Sec. III-B).
-    # choice: ARMHuBERT's optimizer, batch and masking, with the maskhubert geometry's lr 5e-4 (the
-    # default student), and 200k steps; teacher under autocast.
+    # CoLLD: no public recipe. Its targets are the teacher's FFN features (USAD, Sec. III-B). choice: ARMHuBERT's
+    # optimizer, batch and masking, with the maskhubert geometry's lr 5e-4 (the default student), and 200k steps;
+    # teacher under autocast.
     "colld": Recipe("colld", 5e-4, (0.9, 0.98), 1e-6, 0.01, 0.05, 10.0, 200_000, 221.0, 8, 0.8,
                     teacher_precision="auto", target_point="ffn", source="choice (no public recipe)"),
     # GenDistiller: no public recipe. choice: the DistilHuBERT recipe it compares to (float32 teacher).
@@ -107,13 +103,13 @@ RECIPES = {
 # Recycle-and-Distill: MaskHuBERT (no attention-map reuse) trains with lr 5e-4 instead of ARMHuBERT's 5e-3.
 PRESET_LR = {"maskhubert": 5e-4}
 
-# `--data synthetic` is the smoke test: unless given, these replace the paper recipe so a
-# run takes about a minute on a laptop CPU. Printed when applied.
+# `--data synthetic` is the smoke test: unless given, these replace the paper recipe so a run takes about a minute
+# on a laptop CPU. Printed when applied.
 SMOKE = dict(max_steps=60, batch_seconds=8.0, accum=1, warmup=0.1, log_every=10, save_every=30, val_every=20)
 
-# `python distill.py --method M` with neither --teacher nor --data is the offline quick start:
-# the random `tiny` teacher on the synthetic corpus with the smoke settings above. With --data
-# alone the teacher is the papers' (HuBERT Base; a torchaudio bundle, downloaded once).
+# `python distill.py --method M` with neither --teacher nor --data is the offline quick start: the random `tiny`
+# teacher on the synthetic corpus with the smoke settings above. With --data alone the teacher is the papers'
+# (HuBERT Base; a torchaudio bundle, downloaded once).
 PAPER_TEACHER = "hubert_base"
 
 # ----------------------------------------------------------------------------
@@ -132,29 +128,28 @@ def unwrap(student):
 
 
 def draw_mask(args, teacher, lengths, seeds):
-    """The span mask M (B, T) over the teacher's frames (fairseq compute_mask_indices semantics) and the valid
-    frames (B,) it was drawn on. Seeded by `seeds`: a resumed run redraws it, the micro-batches of one update differ."""
+    """The span mask M (B, T) over the teacher's frames and the valid frames (B,) it was drawn on: the official
+    ARMHuBERT masking (spans of uniform length, no overlap; see its recipe). Seeded by `seeds`: a resumed run redraws
+    it, the micro-batches of one update differ."""
     frames = data.frame_count(lengths, teacher.conv_layers)  # (B,) valid frames
-    rng = np.random.default_rng(seeds)
-    mask = data.compute_mask_indices(frames.cpu(), int(frames.max()), args.mask_prob, args.mask_length,
-                                     args.mask_type, min_masks=args.mask_min_masks,
-                                     no_overlap=not args.mask_overlap, min_space=args.mask_min_space,
-                                     same_count_rows=args.mask_same_rows or None, rng=rng)
+    mask = data.compute_mask_indices(frames.cpu(), int(frames.max()), args.mask_prob, args.mask_length, "uniform",
+                                     no_overlap=True, same_count_rows=args.mask_same_rows or None,
+                                     rng=np.random.default_rng(seeds))
     return mask.to(lengths.device), frames
 
 
 def step_distilhubert(args, teacher, student, wav, lengths, seeds):
-    """DistilHuBERT (Eq. 1): clean teacher layers 4, 8, 12; L1 + cosine on the heads' predictions."""
+    """DistilHuBERT (Eq. 1, lambda = 1): clean teacher layers 4, 8, 12; L1 + cosine on the heads' predictions."""
     layers, frame_lengths = teacher(wav, lengths, final_norm=args.teacher_final_norm, point=args.target_point)
     targets = losses.teacher_targets(layers, unwrap(student).cfg.target_layers, args.target_norm)
     preds, _ = student(wav, lengths)
-    return losses.distilhubert_loss(preds, targets, frame_lengths, args.cos_weight)
+    return losses.distilhubert_loss(preds, targets, frame_lengths)
 
 
 def step_armhubert(args, teacher, student, wav, lengths, seeds):
     """ARMHuBERT's masking distillation (Recycle-and-Distill, Sec. 3.2): one span mask M; the student sees the
     masked input; masked frames regress the teacher on clean input, unmasked frames the teacher on the same
-    masked input (a second teacher pass, as the official code does)."""
+    masked input (a second teacher pass, as the official code does); layers weigh 0.1, the last 1.0 (official)."""
     mask, frames = draw_mask(args, teacher, lengths, seeds)  # (B, T) bool, (B,)
     features, frame_lengths = teacher.features(wav, lengths)  # computed once: the mask does not touch it
     clean, _ = teacher.encode(features, frame_lengths, None, args.teacher_final_norm, args.target_point)
@@ -165,8 +160,7 @@ def step_armhubert(args, teacher, student, wav, lengths, seeds):
     clean = losses.teacher_targets(clean, target_layers, args.target_norm)
     masked = losses.teacher_targets(masked, target_layers, args.target_norm)
     preds, _ = student(wav, lengths, mask=mask)
-    weights = [args.layer_weight] * (len(preds) - 1) + [args.last_layer_weight]
-    loss, parts = losses.masking_distillation_loss(preds, clean, masked, mask, frame_lengths, weights)
+    loss, parts = losses.masking_distillation_loss(preds, clean, masked, mask, frame_lengths)
     # logged, not a loss term: the share of valid frames the student saw masked
     return loss, {**parts, "mask_share": mask.sum() / frames.sum().clamp(min=1)}
 
@@ -199,7 +193,7 @@ def step_gendistiller(args, teacher, student, wav, lengths, seeds):
     targets = losses.teacher_targets(layers, unwrap(student).cfg.target_layers, args.target_norm)
     history = targets[:-1] if args.gen_feed == "teacher" and student.training else None
     preds, _ = student(wav, lengths, history=history)
-    return losses.gendistiller_loss(preds, targets, frame_lengths, args.cos_weight)
+    return losses.gendistiller_loss(preds, targets, frame_lengths)
 
 
 @dataclass(frozen=True)
@@ -238,13 +232,13 @@ def distillation_loss(args, teacher, student, wav, lengths, step, rank=0, micro=
 
 def setup_distributed(args):
     """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; alone it is (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device}: CUDA is not available on this machine (use --device cpu)")
     if device.type == "cuda":
-        device = torch.device("cuda", local if device.index is None else device.index)  # cuda: this process's GPU
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {args.device}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is None:  # this process's GPU
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         use_tf32(args.precision)
     if world > 1:
@@ -269,7 +263,6 @@ def autocast_dtype(args, device):
 
 def make_data(args, source, rank, world, seed, shuffle=True):
     """Dataset, length-bucketed sampler and DataLoader for --data / --val."""
-    # undecodable headers: counted and named by the scan
     corpus = data.SyntheticSpeech(seed=seed) if source == "synthetic" else data.scan_audio(source, verbose=rank == 0)[0]
     max_samples = int(args.max_seconds * data.SAMPLE_RATE) if args.max_seconds else None
     dataset = data.AudioDataset(corpus, max_samples=max_samples, seed=seed, skip_bad=True)
@@ -320,14 +313,10 @@ def param_groups(student, weight_decay):
     return [{"params": groups[0], "weight_decay": weight_decay}, {"params": groups[1], "weight_decay": 0.0}]
 
 
-def fast_optimizer_flags(device):
-    """AdamW's fused kernel where torch has one: the per-parameter loop's update (tested) in one kernel."""
-    return {"fused": True} if device.type in ("cpu", "cuda") else {}
-
-
 def make_optimizer(student, args, device):
+    """AdamW, with its fused kernel where torch has one (the per-parameter loop's update, tested, in one kernel)."""
     return torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr, betas=args.betas, eps=args.eps,
-                             **fast_optimizer_flags(device))
+                             fused=device.type in ("cpu", "cuda") or None)
 
 
 @dataclass
@@ -389,8 +378,7 @@ def check_attention_memory(args, dataset, cfg, device):
 
 
 def setup(args):
-    """Output folder check, distributed init, teacher, student, data, optimizer, resume, in this order."""
-    check_not_another_run(args.out, args.resume)
+    """Distributed init, teacher, student, data, optimizer, resume, in this order (main took the folder)."""
     for flag in ("data", "val"):  # before a teacher is loaded (or downloaded)
         path = getattr(args, flag)
         if path not in (None, "synthetic") and not os.path.isdir(path):
@@ -414,9 +402,6 @@ def setup(args):
                 part.compile()
     if rank > 0:  # from here on each rank draws its own dropout noise (rank 0 keeps a single process's stream)
         torch.manual_seed(args.seed + rank)
-    if rank == 0:  # partial files of a run killed mid-save: never loaded, safe to delete
-        for stale in glob.glob(os.path.join(args.out, "ckpt-*.pt.tmp.*")):
-            os.remove(stale)
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     say(f"method {args.method} (recipe: {RECIPES[args.method].source}), teacher {args.teacher} "
         f"({teacher.num_layers} layers, {teacher.dim}-d, {args.teacher_precision}), student {args.student}: "
@@ -448,15 +433,27 @@ def setup(args):
 
 
 def resume(run):
-    """Load the --resume checkpoint, if any: weights, optimizer, scaler, step, data position, this rank's RNG."""
-    path, ckpt = find_resume(run.args)
-    if ckpt is None:
+    """Load --resume (auto: the newest checkpoint in --out, if any): weights, optimizer, scaler, step, data position,
+    this rank's RNG."""
+    args, path = run.args, run.args.resume
+    if path == "auto":
+        path = (checkpoint_paths(args.out) or [None])[-1]
+        if path is None:
+            print(f"note: --resume auto: no checkpoint in {args.out}; starting a new run", flush=True)
+    if path is None:
         return
-    check_resumable(ckpt, path, run.args, run.raw, run.world)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, damaged or not a torch file: name it
+        raise SystemExit(f"error: --resume {path}: cannot be read as a checkpoint ({type(e).__name__}: "
+                         f"{one_line(e)[:200]}); it may be truncated: delete it, or name an earlier one")
+    check_resumable(ckpt, path, args, run.raw, run.world)
     run.raw.load_state_dict(ckpt["student"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     for group in run.optimizer.param_groups:  # this device's kernel, whichever device wrote the checkpoint
-        group.update(fast_optimizer_flags(run.device))
+        group["fused"] = run.optimizer.defaults["fused"]
     run.scaler.load_state_dict(ckpt["scaler"])
     run.step, run.epoch, run.position = ckpt["step"], ckpt["epoch"], ckpt["position"][run.rank]
     rng = ckpt["rng"][run.rank]
@@ -464,12 +461,11 @@ def resume(run):
     if torch.cuda.is_available() and rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
     run.say(f"resumed from {path} at step {run.step} (epoch {run.epoch}, batch {run.position})")
-    old_max, new_max = ckpt["args"]["max_steps"], run.args.max_steps
-    if old_max != new_max:  # note: a continuation, not an exact resume: the schedule is the one of the new length
-        before = argparse.Namespace(**{**vars(run.args), "max_steps": old_max})
-        run.say(f"  --max_steps {old_max} -> {new_max}: the learning-rate schedule is recomputed for {new_max} "
-                f"steps (lr at step {run.step}: {lr_at(run.step, before):.2e} -> {lr_at(run.step, run.args):.2e}); "
-                "data order, masks and RNG continue exactly")
+    old_max = ckpt["args"]["max_steps"]
+    if old_max != args.max_steps:  # note: a continuation, not an exact resume: the schedule is the new length's
+        before = lr_at(run.step, argparse.Namespace(**{**vars(args), "max_steps": old_max}))
+        run.say(f"  --max_steps {old_max} -> {args.max_steps}: the learning-rate schedule is recomputed (lr at step "
+                f"{run.step}: {before:.2e} -> {lr_at(run.step, args):.2e}); data order, masks and RNG continue exactly")
 
 
 def optimizer_step(run, stream, lr):
@@ -508,10 +504,7 @@ def optimizer_step(run, stream, lr):
     # note: with fp16 an inf gradient is the scaler's business (it skips the step and lowers its scale);
     # a non-finite loss, or a non-finite gradient in bf16/fp32, is a real divergence
     bad = not math.isfinite(step_loss) or (not math.isfinite(float(grad_norm)) and amp != torch.float16)
-    if run.world > 1:  # decide together: one rank stopping alone would leave the others waiting
-        flag = torch.tensor(float(bad), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        bad = bool(flag.item())
+    bad = any_rank(bad, run)  # decided together: one rank stopping alone would leave the others waiting
     if bad:
         detail = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
         if not args.skip_nonfinite:
@@ -527,6 +520,15 @@ def optimizer_step(run, stream, lr):
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return step_loss, step_parts, float(grad_norm), audio_s, not bad
+
+
+def any_rank(flag, run):
+    """`flag` alone; under torchrun, true on every rank when it is true on one."""
+    if run.world == 1:
+        return flag
+    flag = torch.tensor(float(flag), device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 class StopSignal:
@@ -547,19 +549,11 @@ class StopSignal:
             raise KeyboardInterrupt  # asked twice: stop now
         self.name = signal.Signals(signum).name
 
-    def requested(self, world, device):
-        """Under torchrun the ranks agree: one rank signalled, every rank stops at this step."""
-        if world == 1:
-            return self.name is not None
-        flag = torch.tensor([self.name is not None], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
 
 def train(run, stop):
     """Steps until --max_steps: a progress line (and a train_log.jsonl row) every --log_every steps, a validation
-    loss every --val_every, a checkpoint every --save_every and at the end; after SIGINT / SIGTERM (`stop`), a
-    checkpoint and exit."""
+    loss every --val_every, a checkpoint every --save_every and at the end; after SIGINT / SIGTERM (`stop`; under
+    torchrun one rank's signal stops every rank at the same step), a checkpoint and exit."""
     args = run.args
     bad_files = {}  # path -> reason, files that failed to decode during training
     stream = batches(run.loader, run.sampler, run.epoch, run.position, bad_files, args.data)
@@ -588,18 +582,16 @@ def train(run, stop):
             if log:
                 log.write(json.dumps({"step": step, "lr": lr, "ms_per_step": ms, "audio_s_per_s": audio_s / dt,
                                       **row}) + "\n")
-                log.flush()
             sums, t_log, audio_s, since_log = {}, time.time(), 0.0, 0
         if run.val_loader is not None and (step % args.val_every == 0 or last):
             val = validate(args, run.teacher, run.raw, run.val_loader, run.device)  # unwrapped: no DDP collectives
             run.say(f"step {step}/{args.max_steps} | validation loss {val:.4f}")
             if log:
                 log.write(json.dumps({"step": step, "val_loss": val}) + "\n")
-                log.flush()
         saved = step % args.save_every == 0 or last
         if saved:
             save_checkpoint(run)
-        if stop.requested(run.world, run.device):
+        if any_rank(stop.name is not None, run):
             if not saved:
                 save_checkpoint(run)
             run.say(f"stopped by {stop.name or 'another rank'} after step {step}: checkpoint "
@@ -688,24 +680,6 @@ def save_checkpoint(run):
         dist.barrier()
 
 
-def find_resume(args):
-    """(path, checkpoint) to resume from: --resume PATH, or the newest in --out for 'auto'; (None, None): fresh."""
-    path = args.resume
-    if path == "auto":
-        path = (checkpoint_paths(args.out) or [None])[-1]
-        if path is None:
-            print(f"note: --resume auto: no checkpoint in {args.out}; starting a new run", flush=True)
-    if path is None:
-        return None, None
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume {path}: no such file")
-    try:
-        return path, torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, damaged or not a torch file: name it
-        raise SystemExit(f"error: --resume {path}: cannot be read as a checkpoint ({type(e).__name__}: "
-                         f"{one_line(e)[:200]}); it may be truncated: delete it, or name an earlier one")
-
-
 # The flags a resumed run may change; every other flag, teacher and data included, must be the run's own.
 RESUME_MAY_CHANGE = ("max_steps", "resume", "out", "workers", "device", "log_every", "save_every", "val_every",
                      "val", "val_batches", "keep", "skip_nonfinite", "compile", "traceback", "quick_start")
@@ -719,9 +693,7 @@ def check_resumable(ckpt, path, args, student, world):
         saved = dataclasses.asdict(model.config_from_dict(ckpt["config"]))
     except (TypeError, ValueError) as e:  # fields this model.py does not have, or lacks
         raise SystemExit(f"error: --resume {path}: {one_line(e)}")
-    problems, ours = [], dataclasses.asdict(student.cfg)
-    if ckpt["method"] != args.method:
-        problems.append(f"method {ckpt['method']} != {args.method}")
+    problems, ours = [], dataclasses.asdict(student.cfg)  # a different --method: among the flags below
     if saved != ours:
         problems.append(f"student config differs in {[k for k, v in ours.items() if saved.get(k) != v]}")
     elif ckpt["student"].keys() != student.state_dict().keys():
@@ -742,7 +714,7 @@ def check_resumable(ckpt, path, args, student, world):
 def open_log(run):
     """OUT/train_log.jsonl, one JSON object per line: first {"run": method, teacher, flags, student config}, then
     a row per progress line and per validation. A resumed run drops the rows after its checkpoint's step (they are
-    logged again, so each step keeps one row) and adds a {"resume": ...} row."""
+    logged again, so each step keeps one row) and adds a {"resume": ...} row. Opened line-buffered (row by row)."""
     args, path = run.args, os.path.join(run.args.out, "train_log.jsonl")
     if run.step == 0 or not os.path.exists(path):  # fresh (an old log here had no checkpoint: it started over)
         rows = [{"run": {"method": args.method, "teacher": args.teacher, "student": args.student,
@@ -759,12 +731,15 @@ def open_log(run):
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     os.replace(path + ".tmp", path)
-    return open(path, "a")
+    return open(path, "a", buffering=1)
 
 
-def check_not_another_run(out, resume):
-    """Fail at once (before any teacher is loaded) if --out holds a run and --resume does not continue it: no
-    --resume, or a --resume PATH from another folder (its run would write over this one's)."""
+def take_out_dir(out, resume):
+    """One run per folder, checked before any teacher is loaded. A folder that holds a run needs --resume auto or a
+    --resume PATH inside it (another folder's run would write over this one's). An exclusive POSIX lock on OUT/.lock
+    is held by this process (not by its DataLoader workers: fork does not pass it on); the kernel releases it when
+    the process ends, however it ends (SIGKILL too), so a dead run never blocks the next one (the empty file
+    stays). Returns (lock descriptor, folder, created)."""
     held = checkpoint_paths(out) + [p for p in [os.path.join(out, "train_log.jsonl")] if os.path.exists(p)]
     if held and resume not in (None, "auto") and os.path.dirname(os.path.abspath(resume)) != os.path.abspath(out):
         raise SystemExit(f"error: --resume {resume} is not in --out {out}, which holds another run; resume into "
@@ -773,52 +748,31 @@ def check_not_another_run(out, resume):
         raise SystemExit(f"error: --out {out} already holds a run ({', '.join(os.path.basename(p) for p in held[-3:])}"
                          f"{', ...' if len(held) > 3 else ''}); continue it with --resume auto (a larger --max_steps "
                          "extends it), or choose another --out")
-
-
-def lock_out_dir(out):
-    """One run per folder: OUT/.lock, created atomically (O_EXCL), holds "PID HOST". A lock whose process is gone
-    is taken over; a live one, or another machine's, refuses the run. Returns (path, whether the folder is new)."""
-    created, path, host = not os.path.isdir(out), os.path.join(out, ".lock"), socket.gethostname()
+    created, path = not os.path.isdir(out), os.path.join(out, ".lock")
     try:
         os.makedirs(out, exist_ok=True)
-        if os.path.exists(path):
-            with open(path) as f:
-                held = f.read().split()
-            pid = int(held[0]) if held and held[0].isdigit() else 0  # empty: its writer died at that moment
-            holder = held[1] if len(held) > 1 else host
-            if holder != host:  # another machine (a shared file system): its processes are not ours to see
-                raise SystemExit(f"error: --out {out} is in use by process {pid} on {holder}; if that run is gone, "
-                                 f"delete {path}")
-            # our own id is a previous life of this process id (a restarted container), never a live run
-            if pid and pid != os.getpid() and pid_alive(pid):
-                raise SystemExit(f"error: --out {out} is in use by another run (process {pid}); wait for it to end "
-                                 "or choose another --out")
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)  # stale: its process is gone
-        with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-            f.write(f"{os.getpid()} {host}")
-    except OSError as e:  # not a folder, not writable, or another run took the lock this very moment
-        raise ValueError(f"--out {out}: cannot take {path} ({e.strerror}); expected a writable folder") from e
-    return path, created
-
-
-def pid_alive(pid):
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY)
+    except OSError as e:  # a file in the way, or not writable
+        raise ValueError(f"--out {out}: cannot create {path} ({e.strerror}); expected a writable folder") from e
     try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, another user's
-    return True
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
+        os.close(fd)
+        raise SystemExit(f"error: --out {out} is in use by another run; wait for it to end or choose another --out")
+    except OSError as e:  # a file system without locks (some network mounts)
+        print(f"warning: --out {out}: cannot lock {path} ({e.strerror}); make sure no other run uses it", flush=True)
+    for stale in glob.glob(os.path.join(out, "ckpt-*.pt.tmp.*")):  # a run killed mid-save: never loaded
+        os.remove(stale)
+    return fd, out, created
 
 
 def release_out_dir(lock):
-    """Remove the lock; a folder this run created and left empty (a failed start) goes too."""
-    path, created = lock
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-    if created and os.path.isdir(os.path.dirname(path)) and not os.listdir(os.path.dirname(path)):
-        os.rmdir(os.path.dirname(path))
+    """Unlock; a folder this run created and left empty but for the lock (a failed start) is removed."""
+    fd, out, created = lock
+    if created and os.listdir(out) == [".lock"]:
+        os.remove(os.path.join(out, ".lock"))
+        os.rmdir(out)
+    os.close(fd)
 
 
 # ----------------------------------------------------------------------------
@@ -832,21 +786,13 @@ def one_line(error):
     return text if len(text) <= 400 else text[:400] + " ..."
 
 
-class FlagError(SystemExit):
-    """A bad command line or start-up input: one line on stderr, exit status 2 (argparse's), no traceback."""
-
-    def __init__(self, message):
-        super().__init__(2)
-        self.message = message
-
-    def __str__(self):
-        return self.message
-
-
 def usage_error(message):
-    """Print `distill.py: error: MESSAGE` (one line) and stop with a FlagError."""
+    """`distill.py: error: MESSAGE` on stderr and exit status 2, as argparse, on one line and without a traceback;
+    the SystemExit's str is the message, for callers that catch it."""
     print(f"distill.py: error: {message}", file=sys.stderr, flush=True)
-    raise FlagError(f"error: {message}")
+    stop = SystemExit(f"error: {message}")
+    stop.code = 2
+    raise stop
 
 
 class Parser(argparse.ArgumentParser):
@@ -886,7 +832,17 @@ below_1 = ranged(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 crop_seconds = ranged(float, lambda v: v == 0 or v >= data.MIN_SAMPLES / data.SAMPLE_RATE,
                       f"0 (never crop) or seconds >= {data.MIN_SAMPLES / data.SAMPLE_RATE} (one frame)")
 
-# The numeric student fields (model.StudentConfig) set with --FIELD=VALUE, checked like the flags.
+
+def conv_layers(text):
+    """--conv_layers=[(512,10,5)] + [(512,3,2)] * 4 ...: (channels, kernel, stride) triples of integers >= 1."""
+    layers = model.parse_conv_layers(text)
+    if not (layers and all(c >= 1 and k >= 1 and s >= 1 for c, k, s in layers)):
+        raise ValueError("expected (channels, kernel, stride) triples of integers >= 1")
+    return layers
+
+
+# How --FIELD=VALUE reads and checks a student field (model.StudentConfig); the other fields by their default's type
+# (bool: true_false).
 STUDENT_FIELD_TYPES = {
     **dict.fromkeys(("dim", "ffn_dim", "num_heads", "num_layers", "pos_conv_kernel", "pos_conv_groups",
                      "teacher_dim", "rel_pos_max_distance"), at_least(1)),
@@ -895,16 +851,16 @@ STUDENT_FIELD_TYPES = {
     "feature_grad_mult": non_negative,
     "rel_pos_buckets": ranged(int, lambda v: v == 0 or (v >= 4 and v % 2 == 0),
                               "0 (no WavLM bias) or an even integer >= 4"),
+    "conv_layers": conv_layers,
+    **dict.fromkeys(("target_layers", "head_layers"), lambda text: tuple(int(v) for v in text.split(","))),
 }
 
 # The flags of one method's objective and the methods that use it: set (to another value than the default) with
 # another --method they would be ignored, so they are refused.
 METHOD_FLAGS = {
-    **dict.fromkeys(("mask_prob", "mask_length", "mask_type", "mask_min_space", "mask_min_masks", "mask_overlap",
-                     "mask_same_rows"), ("armhubert", "colld")),
-    "cos_weight": ("distilhubert", "gendistiller"), "last_layer_weight": ("armhubert",),
-    "layer_weight": ("armhubert",), "gen_feed": ("gendistiller",),
+    **dict.fromkeys(("mask_prob", "mask_length", "mask_same_rows"), ("armhubert", "colld")),
     **dict.fromkeys(("colld_negatives", "colld_temperature", "colld_include_unmasked", "colld_objective"), ("colld",)),
+    "gen_feed": ("gendistiller",),
 }
 
 
@@ -920,24 +876,21 @@ def build_parser():
                            "are set with --FIELD=VALUE (see model.StudentConfig), e.g. --dim=384 --reuse=none.")
     g = p.add_argument_group("what to distil")
     g.add_argument("--method", required=True, choices=list(RECIPES), help="objective, default student and recipe")
-    g.add_argument("--teacher", help="torchaudio bundle name (hubert_base, wavlm_base_plus, ...), a checkpoint file "
-                   "(torchaudio-format or s3prl-converted .pt) or 'tiny' (random, for smoke runs); default "
-                   f"{PAPER_TEACHER} with --data, 'tiny' without (the quick start)")
+    g.add_argument("--teacher", help="torchaudio bundle (hubert_base, wavlm_base_plus, ...), checkpoint (torchaudio "
+                   f"or s3prl .pt) or 'tiny' (random); default {PAPER_TEACHER} with --data, 'tiny' without")
     g.add_argument("--student", choices=list(model.PRESETS), help="student preset (default: the method's)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="LibriSpeech-layout folder, any folder of audio files (.flac, .wav, .ogg, ...) or "
-                   "'synthetic'; without --data and --teacher: the offline quick start")
+    g.add_argument("--data", help="LibriSpeech-layout folder, any folder of audio files or 'synthetic'; without --data "
+                   "and --teacher: the offline quick start")
     g.add_argument("--val", help="held-out data (same forms as --data) for a validation loss")
     g.add_argument("--val_batches", type=at_least(1), default=8, help="validation batches (fixed, same every time)")
     g.add_argument("--batch_seconds", type=positive, help="seconds of audio per process per micro-step")
     g.add_argument("--accum", type=at_least(1), help="micro-steps (gradient accumulation) per optimizer step")
-    g.add_argument("--max_seconds", type=crop_seconds, help="random-crop longer utterances to this (distilhubert, "
-                   "gendistiller: s3prl's 250,000 samples; armhubert, colld: never, as the official code); 0 = never")
+    g.add_argument("--max_seconds", type=crop_seconds, help="random-crop longer utterances to this; 0 = never "
+                   "(default: s3prl's 15.625 s for distilhubert and gendistiller, never for armhubert and colld)")
     g.add_argument("--workers", type=at_least(0), default=2, help="DataLoader worker processes")
-    g = p.add_argument_group("optimisation (default: the method's recipe)")
+    g = p.add_argument_group("optimisation (default: the method's recipe; AdamW betas and eps are the recipe's)")
     g.add_argument("--lr", type=positive, help="peak learning rate")
-    g.add_argument("--betas", type=below_1, nargs=2, help="AdamW betas")
-    g.add_argument("--eps", type=positive, help="AdamW epsilon")
     g.add_argument("--weight_decay", type=non_negative, help="AdamW weight decay on matrices and conv kernels")
     g.add_argument("--warmup", type=fraction, help="fraction of steps of linear warm-up (then linear decay)")
     g.add_argument("--clip", type=positive, help="max global gradient norm")
@@ -945,53 +898,36 @@ def build_parser():
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="student autocast: "
                    "auto = bf16 on GPUs that support it, fp32 on CPU; fp16 uses a gradient scaler. On GPUs float32 "
                    "matmuls use TF32 unless this is fp32")
-    g.add_argument("--teacher_precision", choices=["auto", "fp32"], help="auto: the teacher runs under the "
-                   "student's autocast; fp32: autocast off around it (default: the recipe's, fp32 for distilhubert "
-                   "and gendistiller)")
-    g.add_argument("--traceback", action="store_true",
-                   help="an error at start (a teacher, folder or file that cannot be used) shows its traceback")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the student and the teacher's layers (off: eager, the readable path)")
+    g.add_argument("--teacher_precision", choices=["auto", "fp32"], help="auto: the teacher under the student's "
+                   "autocast; fp32: autocast off around it (default: fp32 for distilhubert and gendistiller)")
+    g.add_argument("--traceback", action="store_true", help="an error at start shows its traceback")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher's layers")
     g.add_argument("--skip_nonfinite", action="store_true",
                    help="skip (and count) a step whose loss or gradient is not finite instead of stopping")
-    g = p.add_argument_group("masking (ARMHuBERT, CoLLD; fairseq compute_mask_indices semantics)")
+    g = p.add_argument_group("masking (ARMHuBERT, CoLLD: the official spans of uniform length, no overlap)")
     g.add_argument("--mask_prob", type=fraction, help="share of valid frames covered by spans")
     g.add_argument("--mask_length", type=at_least(1), default=10, help="mean span length (frames)")
-    g.add_argument("--mask_type", choices=["static", "uniform"],
-                   help="span lengths: static = mask_length; uniform = 0..2*mask_length (official ARMHuBERT)")
-    g.add_argument("--mask_min_space", type=at_least(0), default=1, help="unmasked frames kept between spans")
-    g.add_argument("--mask_min_masks", type=at_least(0), default=2, help="minimum spans per utterance")
-    g.add_argument("--mask_overlap", action="store_true", help="allow spans to overlap (HuBERT)")
-    g.add_argument("--mask_same_rows", type=at_least(0), default=18, help="rows equalised to the same masked count, "
-                   "in length order (fairseq: the whole batch, officially 18 utterances per GPU); 0 = the whole batch")
+    g.add_argument("--mask_same_rows", type=at_least(0), default=18, help="rows of neighbouring lengths equalised to "
+                   "one masked count (official: its 18 utterances per GPU); 0 = the whole batch (fairseq)")
     g = p.add_argument_group("teacher targets")
-    g.add_argument("--target_norm", default="none", choices=["none", "layer_norm"], help="layer_norm: normalise "
-                   "each target per frame, without parameters (as data2vec), for pre-LN teachers whose layers grow "
-                   "with depth; none: the layers as they are (the papers)")
-    g.add_argument("--teacher_final_norm", type=true_false, help="pre-LN teachers: the last target "
-                   "includes the encoder's final LayerNorm (true: s3prl and transformers hidden_states; false: "
-                   "torchaudio extract_features, the official ARMHuBERT hooks); default: true for distilhubert and "
-                   "gendistiller")
-    g.add_argument("--target_point", choices=["block", "ffn"], help="the target of each teacher block: its output "
-                   "or its FFN's output before the residual addition (data2vec's target point, CoLLD's targets as "
-                   "USAD describes them); default: ffn for colld")
+    g.add_argument("--target_norm", default="none", choices=["none", "layer_norm"], help="layer_norm: each target "
+                   "normalised per frame without parameters (data2vec), for pre-LN teachers; none: as the papers")
+    g.add_argument("--teacher_final_norm", type=true_false, help="pre-LN teachers: the last target includes the "
+                   "final LayerNorm (true: s3prl, HF hidden_states; false: torchaudio, the official ARMHuBERT hooks); "
+                   "default: true for distilhubert and gendistiller")
+    g.add_argument("--target_point", choices=["block", "ffn"], help="each teacher block's output, or its FFN output "
+                   "before the residual addition (data2vec; CoLLD's targets as USAD describes them; default for colld)")
     g = p.add_argument_group("method details (choices the papers leave open)")
-    g.add_argument("--cos_weight", type=non_negative, default=1.0,
-                   help="lambda of the -log sigmoid(cos) term (DistilHuBERT, GenDistiller)")
-    g.add_argument("--last_layer_weight", type=non_negative, default=1.0, help="ARMHuBERT weight of the last layer")
-    g.add_argument("--layer_weight", type=non_negative, default=0.1, help="ARMHuBERT weight of layers 1..L-1")
     g.add_argument("--colld_negatives", type=at_least(1), default=100, help="CoLLD negatives per anchor (K)")
     g.add_argument("--colld_temperature", type=positive, default=0.1, help="CoLLD softmax temperature (tau)")
     g.add_argument("--colld_include_unmasked", type=true_false, nargs="?", const=True, default=True,
-                   help="CoLLD: every valid frame is an anchor (choice: the kit ablation's best row); false: the "
-                   "masked frames only")
+                   help="CoLLD: every valid frame an anchor (the kit ablation's best); false: the masked frames only")
     g.add_argument("--colld_objective", default="infonce", choices=["infonce", "l1_cosine"], help="CoLLD: InfoNCE, "
                    "or DistilHuBERT's L1-cosine on the same anchors (USAD's ablation, arXiv 2506.18843 Table VI)")
     g.add_argument("--gen_feed", default="teacher", choices=["teacher", "self"],
                    help="GenDistiller history during training: teacher forcing or its own predictions (free-running)")
     g = p.add_argument_group("run")
-    g.add_argument("--out", help="output folder (checkpoints, train_log.jsonl; default runs/METHOD-TEACHER); one "
-                   "that already holds a run needs --resume")
+    g.add_argument("--out", help="output folder (default runs/METHOD-TEACHER); one that holds a run needs --resume")
     g.add_argument("--resume", help="'auto' (the newest checkpoint in --out, or start fresh) or a checkpoint path")
     g.add_argument("--seed", type=at_least(0), default=0, help="seed of init, data order, crops, masks, dropout")
     g.add_argument("--log_every", type=at_least(1), help="steps between progress lines (default 100)")
@@ -1007,25 +943,15 @@ def student_overrides(items, parser):
     fields = [f.name for f in dataclasses.fields(model.StudentConfig)]
     out = {}
     for item in items:
-        if not item.startswith("--") or "=" not in item:
+        key, is_set, value = item[2:].partition("=")
+        if not item.startswith("--") or not is_set:
             parser.error(f"unrecognised argument {item!r} (student fields are set as --FIELD=VALUE)")
-        key, value = item[2:].split("=", 1)
         if key not in fields:
             parser.error(f"unknown flag or student field {key!r}; student fields: {', '.join(fields)}")
         default = getattr(model.StudentConfig(), key)
+        convert = STUDENT_FIELD_TYPES.get(key, true_false if isinstance(default, bool) else type(default))
         try:
-            if key in STUDENT_FIELD_TYPES:
-                out[key] = STUDENT_FIELD_TYPES[key](value)
-            elif isinstance(default, bool):
-                out[key] = true_false(value)
-            elif key == "conv_layers":
-                out[key] = model.parse_conv_layers(value)
-                if not (out[key] and all(c >= 1 and k >= 1 and s >= 1 for c, k, s in out[key])):
-                    raise ValueError("expected (channels, kernel, stride) triples of integers >= 1")
-            elif key in ("target_layers", "head_layers"):
-                out[key] = tuple(int(v) for v in value.split(","))
-            else:
-                out[key] = type(default)(value)
+            out[key] = convert(value)
         except (ValueError, argparse.ArgumentTypeError) as e:
             parser.error(f"--{key}={value}: {e}")
     return out
@@ -1058,10 +984,9 @@ def parse_args(argv=None):
             args.applied.append(f"{name}={value} (synthetic smoke run)")
     defaults = dict(dataclasses.asdict(recipe), lr=PRESET_LR.get(args.student, recipe.lr), log_every=100,
                     save_every=5000, val_every=5000)
-    for name, value in defaults.items():
-        if name not in ("student", "source") and getattr(args, name) is None:
+    for name, value in defaults.items():  # betas and eps have no flag: always the recipe's
+        if name not in ("student", "source") and getattr(args, name, None) is None:
             setattr(args, name, value)
-    args.betas = tuple(args.betas)
     if args.out is None:  # each method and teacher its own folder: the quick-start runs do not overwrite each other
         teacher = os.path.splitext(os.path.basename(args.teacher.rstrip("/")))[0]
         args.out = os.path.join("runs", f"{args.method}-{re.sub(r'[^A-Za-z0-9._-]', '_', teacher)}")
@@ -1083,7 +1008,7 @@ def main(argv=None):
     run, lock = None, None
     try:
         try:
-            lock = lock_out_dir(args.out) if rank0 else None  # first: a second run on this folder stops here
+            lock = take_out_dir(args.out, args.resume) if rank0 else None  # first: before any teacher is loaded
             run = setup(args)
         except (ValueError, OSError, EOFError) as e:  # bad input at start: a teacher, a folder, a file
             if args.traceback:

@@ -3,18 +3,14 @@
 - DistilHuBERT (Chang et al., arXiv 2110.01900, Eq. 1): `distilhubert_loss`.
 - ARMHuBERT masking distillation (Jang et al., arXiv 2305.11685, Sec. 3.2; official code sungnyun/ARMHuBERT):
   `masking_distillation_loss`.
-- CoLLD contrastive layer-to-layer distillation (Chang et al., arXiv 2309.07707; the design as its first
-  author describes it in USAD, arXiv 2506.18843, Sec. III; no public code, so the details marked "choice"
-  are ours): `colld_loss`.
+- CoLLD contrastive layer-to-layer distillation (Chang et al., arXiv 2309.07707; its design as its first author
+  describes it in USAD, arXiv 2506.18843, Sec. III; no public code: the details marked "choice" are ours): `colld_loss`.
 - GenDistiller (Gao et al., arXiv 2310.13418 and 2406.09444): `gendistiller_loss`.
 Each docstring writes its loss's equation; the targets t_l come from `teacher_targets`.
 
-Convention: every loss averages over valid frames t < frame_lengths[b] only, so padding never reaches a
-loss (s3prl's DistilHuBERT and the official ARMHuBERT code average over padding too). Each loss returns
-(total, parts): a scalar with grad and a dict of detached scalars for logging ("_" keys are metrics, not
-loss terms). Example (what distill.py does for DistilHuBERT):
-
-    total, parts = distilhubert_loss(preds, targets, frame_lengths)  # parts: l1, cos
+Convention: every loss averages over valid frames t < frame_lengths[b] only, so padding never reaches a loss
+(s3prl's DistilHuBERT and the official ARMHuBERT code average over padding too). Each loss returns (total, parts):
+a scalar with grad and a dict of detached scalars for logging ("_" keys are metrics, not loss terms).
 """
 import math
 
@@ -27,13 +23,10 @@ import torch.nn.functional as F
 
 def _check(name, preds, targets, frame_lengths, mask=None):
     """Boundary check: the same non-zero number of layers, equal (B, T, D), lengths within T, mask (B, T)."""
-    if len(preds) != len(targets) or len(preds) == 0:
-        raise ValueError(f"{name}: got {len(preds)} predicted layers and {len(targets)} target layers; "
-                         "expected the same non-zero number")
-    for l, (p, t) in enumerate(zip(preds, targets)):
-        if p.shape != t.shape or p.dim() != 3:
-            raise ValueError(f"{name}: layer {l}: prediction {tuple(p.shape)} vs target {tuple(t.shape)}; "
-                             "expected equal (B, T, D)")
+    shapes = [tuple(p.shape) for p in preds], [tuple(t.shape) for t in targets]
+    if not preds or shapes[0] != shapes[1] or any(len(shape) != 3 for shape in shapes[0]):
+        raise ValueError(f"{name}: prediction shapes {shapes[0]} vs target shapes {shapes[1]}; expected the same "
+                         "non-zero number of layers, each (B, T, D)")
     B, T, _ = preds[0].shape
     if frame_lengths.shape != (B,) or int(frame_lengths.max()) > T:
         raise ValueError(f"{name}: frame_lengths {tuple(frame_lengths.shape)} with max "
@@ -54,13 +47,10 @@ def _masked_mean(x, mask):
 
 
 def teacher_targets(layers, target_layers, target_norm="none"):
-    """The distillation targets t_l: teacher layer k = layers[k - 1] for k in target_layers.
-
-    target_norm "layer_norm" (--target_norm): each target frame normalised over the teacher dimension
-    without parameters, y = (t - mean_d t) / sqrt(var_d t + 1e-5) (as data2vec's targets). A post-LN
-    teacher (HuBERT Base) already ends every block in a LayerNorm, so this matters for pre-LN teachers
-    (Large models, the kit teacher), whose residual stream grows with depth.
-    """
+    """The distillation targets t_l: teacher layer k = layers[k - 1] for k in target_layers. target_norm
+    "layer_norm" (--target_norm): each target frame normalised over the teacher dimension without parameters,
+    y = (t - mean_d t) / sqrt(var_d t + 1e-5) (as data2vec's targets), for pre-LN teachers (Large models, the kit
+    teacher), whose residual stream grows with depth; post-LN blocks already end in a LayerNorm."""
     targets = [layers[k - 1].float() for k in target_layers]  # float32 also from a teacher under autocast
     if target_norm == "layer_norm":
         targets = [F.layer_norm(t, t.shape[-1:]) for t in targets]
@@ -79,11 +69,10 @@ def distilhubert_loss(preds, targets, frame_lengths, cos_weight=1.0, frames=None
         L = 1/|L| sum_l [ 1/(N D) sum_{b,t valid} sum_d |p_l[b,t,d] - t_l[b,t,d]|
                           + lambda * 1/N sum_{b,t valid} -log sigmoid(cos(p_l[b,t], t_l[b,t])) ]
 
-    p_l = preds[l] (B, T, D) (prediction head output), t_l = targets[l] (B, T, D) (teacher layer),
-    N = number of valid frames (frame_lengths.sum()), D = feature size, lambda = cos_weight (1 in the
-    paper), |L| = len(preds). frames (B, T) bool, optional: average over these valid frames only
-    (CoLLD's L1-cosine ablation: the masked frames). parts: "l1" and "cos", the unweighted terms
-    averaged over layers, so total = l1 + cos_weight * cos.
+    p_l = preds[l] (B, T, D) (prediction head output), t_l = targets[l] (B, T, D) (teacher layer), N = number of
+    valid frames (frame_lengths.sum()), D = feature size, lambda = cos_weight (1 in the paper), |L| = len(preds).
+    frames (B, T) bool, optional: average over these valid frames only (CoLLD's L1-cosine ablation: the masked
+    frames). parts: "l1" and "cos", the unweighted terms averaged over layers, so total = l1 + cos_weight * cos.
     """
     _check("distilhubert_loss", preds, targets, frame_lengths)
     frame_lengths = frame_lengths.to(preds[0].device)  # lengths may arrive on the CPU
@@ -93,22 +82,20 @@ def distilhubert_loss(preds, targets, frame_lengths, cos_weight=1.0, frames=None
     l1_sum, cos_sum = 0.0, 0.0
     for p, t in zip(preds, targets):
         p, t = p.float(), t.float()  # the loss is computed in float32 even under autocast
-        l1 = _masked_mean((p - t).abs().mean(dim=-1), valid)  # mean over d, then valid frames
-        cos = F.cosine_similarity(p, t, dim=-1)  # (B, T)
-        l1_sum, cos_sum = l1_sum + l1, cos_sum + _masked_mean(-F.logsigmoid(cos), valid)
+        l1_sum = l1_sum + _masked_mean((p - t).abs().mean(dim=-1), valid)  # mean over d, then valid frames
+        cos_sum = cos_sum + _masked_mean(-F.logsigmoid(F.cosine_similarity(p, t, dim=-1)), valid)
     l1, cos = l1_sum / len(preds), cos_sum / len(preds)
     return l1 + cos_weight * cos, {"l1": l1.detach(), "cos": cos.detach()}
 
 
 def gendistiller_loss(preds, targets, frame_lengths, cos_weight=1.0):
-    """GenDistiller (choice: the abstracts name no loss): the DistilHuBERT loss on each of the K generated
-    layers, averaged over them:
+    """GenDistiller (choice: the abstracts name no loss): the DistilHuBERT loss on each of the K generated layers,
+    averaged over them:
 
         L = 1/K sum_k [ L1(p_k, t_{l_k}) + lambda * mean_t -log sigmoid(cos(p_k[t], t_{l_k}[t])) ]
 
-    p_k = preds[k] (B, T, D), the generator's prediction of teacher layer l_k; t_{l_k} = targets[k];
-    lambda = cos_weight. note: teacher forcing or free running (`--gen_feed self`) changes how
-    model.py produces preds, not the loss.
+    p_k = preds[k] (B, T, D), the generator's prediction of teacher layer l_k (teacher-forced or free-running:
+    the same loss); t_{l_k} = targets[k]; lambda = cos_weight.
     """
     return distilhubert_loss(preds, targets, frame_lengths, cos_weight=cos_weight)
 
@@ -124,13 +111,12 @@ def masking_distillation_loss(preds, clean_targets, masked_targets, mask, frame_
         e_l[b,t] = 1/D sum_d (p_l[b,t,d] - y_l[b,t,d])^2
         L = sum_l w_l * (sum_{b,t valid} e_l[b,t]) / N
 
-    p_l = preds[l] (B, T, D) (student layer l after its projection head), t_l = clean_targets[l]
-    (teacher on the clean input), t~_l = masked_targets[l] (teacher on the input with the frames M
-    replaced by its mask embedding), M = mask (B, T) bool (frames the student saw masked), N = number
-    of valid frames, w_l = layer_weights[l] (default 0.1 for every layer but the last, 1.0 for the last,
-    as the official code). Masked frames thus predict what the teacher sees in clean audio; unmasked
-    frames imitate the teacher under the same corruption. parts: "masked" and "unmasked", the weighted
-    contributions of masked and unmasked valid frames, sum to the total.
+    p_l = preds[l] (B, T, D) (student layer l after its projection head), t_l = clean_targets[l] (teacher on the
+    clean input), t~_l = masked_targets[l] (teacher on the input with the frames M replaced by its mask
+    embedding), M = mask (B, T) bool (frames the student saw masked), N = number of valid frames, w_l =
+    layer_weights[l] (default as the official code: 0.1, the last layer 1.0). Masked frames thus predict what the
+    teacher sees in clean audio; unmasked frames imitate the teacher under the same corruption. parts: "masked"
+    and "unmasked", the weighted contributions of the two kinds of valid frames (their sum: the total).
     """
     _check("masking_distillation_loss", preds, clean_targets, frame_lengths)
     _check("masking_distillation_loss", preds, masked_targets, frame_lengths, mask)
@@ -157,11 +143,10 @@ def masking_distillation_loss(preds, clean_targets, masked_targets, mask, frame_
 
 
 def _sample_negatives(anchor_b, anchor_t, frame_lengths, num_frames, k, generator):
-    """For each anchor (b, t): min(k, num_frames - 1) distinct frames of utterance b, uniform among its
-    valid frames other than t. Returns (idx, ok), both (N, K'): frame indices, and False where the
-    utterance had fewer than K' other valid frames (the caller masks those slots).
-    choice: WITHOUT replacement (wav2vec 2.0 samples with replacement): one uniform key per
-    (anchor, frame), key 2 for non-candidates, keep the K' smallest keys.
+    """For each anchor (b, t): min(k, num_frames - 1) distinct frames of utterance b, uniform among its valid
+    frames other than t. Returns (idx, ok), both (N, K'): frame indices, and False where the utterance had fewer
+    than K' other valid frames (the caller masks those slots). choice: WITHOUT replacement (wav2vec 2.0 samples
+    with replacement): one uniform key per (anchor, frame), key 2 for non-candidates, keep the K' smallest keys.
     subtle: num_frames is the longest valid length, not the padded T, so padding never changes the draw.
     """
     N = anchor_b.shape[0]
@@ -185,19 +170,18 @@ def colld_loss(preds, targets, mask, frame_lengths, num_negatives=100, temperatu
                       / (exp s(z_a, y+_a) + sum_{j=1..K_a} exp s(z_a, y-_{a,j})) )
         L        = 1/|L| sum_l L_l
 
-    Sources: the abstract (masked student input, layer-to-layer, contrastive); USAD Sec. III-A/B (every
-    teacher layer a target, the teacher's FFN features, "positive and negative samples on a per-frame
-    basis"). Choices: negatives, K, tau, anchors, cosine similarity.
-    z_a = preds[l][b, t] (the student's head for target l, in the teacher dim), y+_a = targets[l][b, t]
-    (the teacher's target at the same frame), y-_{a,j} = targets[l][b, t_j] for K_a = min(K, n_b - 1)
-    frames t_j != t drawn uniformly without replacement from the other valid frames of utterance b
-    (n_b = frame_lengths[b]), K = num_negatives, tau = temperature, A = anchors = masked valid frames
-    (mask & valid), or all valid frames when include_unmasked. Logits are [positive, negatives], the
-    positive at index 0; negative slots beyond K_a get -inf. parts: "nce" averaged over layers; "_acc" =
+    Sources: the abstract (masked student input, layer-to-layer, contrastive); USAD Sec. III-A/B (every teacher
+    layer a target, the teacher's FFN features, "positive and negative samples on a per-frame basis"). Choices:
+    negatives, K, tau, anchors, cosine similarity.
+    z_a = preds[l][b, t] (the student's head for target l, in the teacher dim), y+_a = targets[l][b, t] (the
+    teacher's target at the same frame), y-_{a,j} = targets[l][b, t_j] for K_a = min(K, n_b - 1) frames t_j != t
+    drawn uniformly without replacement from the other valid frames of utterance b (n_b = frame_lengths[b]),
+    K = num_negatives, tau = temperature, A = anchors = masked valid frames (mask & valid), or all valid frames
+    when include_unmasked; negative slots beyond K_a get -inf. parts: "nce" averaged over layers; "_acc" =
     fraction of anchors whose positive has the highest logit (a metric). No anchor: nce 0 with a grad path.
-    Cost: one (T' x T') cosine matmul per utterance, whose anchor rows hold every similarity the draw can
-    use. Gathering the K drawn target vectors of every anchor instead (N x K x D) reads more memory than the
-    matmul computes and measured 5-10x slower on a CPU at the kit's sizes; tested equal for the same draw.
+    Cost: one (T' x T') cosine matmul per utterance, whose anchor rows hold every similarity the draw can use.
+    Gathering the K drawn target vectors of every anchor instead (N x K x D) reads more memory than the matmul
+    computes and measured 5-10x slower on a CPU at the kit's sizes; tested equal for the same draw.
     """
     _check("colld_loss", preds, targets, frame_lengths, mask)
     frame_lengths, mask = frame_lengths.to(preds[0].device), mask.to(preds[0].device)
