@@ -190,6 +190,7 @@ def colld_loss(preds, targets, mask, frame_lengths, num_negatives=100, temperatu
     T_v = int(frame_lengths.max())
     valid = _valid(frame_lengths, T_v)  # (B, T')
     # choice: anchors are the masked valid frames (the abstract's masked prediction), or all valid frames
+    # (distill.py's colld default: the better row of the README's kit ablation)
     anchors = valid if include_unmasked else valid & mask[:, :T_v].bool()  # (B, T')
     anchor_b, anchor_t = anchors.nonzero(as_tuple=True)  # (N,), (N,) row-major order
     nce_sum, acc_sum = 0.0, 0.0
